@@ -1,0 +1,102 @@
+import os
+from pathlib import Path
+
+from snakemake.utils import validate
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+# Jobs import ehrcxr from src/ without installing it (works in conda-isolated jobs too).
+SRC = str(Path(workflow.basedir).parent / "src")
+os.environ.update(PYTHONPATH=SRC)
+
+DATASET = config["dataset"]
+SYNTHETIC = DATASET == "synthetic"
+RESULTS = f"results/{DATASET}"
+if SYNTHETIC:  # the generator writes the raw files in the official layouts here
+    MIMIC_IV, MIMIC_CXR = f"{RESULTS}/raw/mimic-iv", f"{RESULTS}/raw/mimic-cxr-jpg"
+else:
+    MIMIC_IV, MIMIC_CXR = config["raw"]["mimic_iv"], config["raw"].get("mimic_cxr")
+HAS_CXR = MIMIC_CXR is not None
+
+
+wildcard_constraints:
+    dataset=DATASET,
+    task="|".join(config["tasks"]),
+    model="|".join(config["models"]),
+    missing=r"natural|miss[0-9.]+",
+    seed=r"[0-9]+",
+
+
+def uses_cxr(model):
+    """True if the model reads chest X-rays (its config entry lists the cxr modality)."""
+    return "cxr" in config["models"][model]["modalities"]
+
+
+def grid_models():
+    """Models of the grid; without CXR data only the EHR-only models can run."""
+    return [m for m in config["models"] if HAS_CXR or not uses_cxr(m)]
+
+
+def grid_missing():
+    """Missingness settings; miss<r> needs paired stays, so only 'natural' without CXR data."""
+    return config["missing"] if HAS_CXR else [m for m in config["missing"] if m == "natural"]
+
+
+def run_dir(task, model, missing, seed):
+    return f"{RESULTS}/runs/{task}/{model}/{missing}/seed{seed}"
+
+
+def grid_runs():
+    """Every cell of the grid as a run directory."""
+    return [
+        run_dir(task, model, missing, seed)
+        for task in config["tasks"]
+        for model in grid_models()
+        for missing in grid_missing()
+        for seed in config["seeds"]
+    ]
+
+
+def final_outputs():
+    return [f"{RESULTS}/tables/main_results.csv", f"{RESULTS}/tables/main_results.md"]
+
+
+def cohort_inputs(wildcards):
+    inputs = {"mimic_iv": MIMIC_IV}
+    if HAS_CXR:
+        inputs["mimic_cxr"] = MIMIC_CXR
+    return inputs
+
+
+def train_inputs(wildcards):
+    """A cell needs the cohort and its task's EHR tensor; CXR models also the image cache and encoder."""
+    inputs = {
+        "stays": f"{RESULTS}/cohort/stays.parquet",
+        "ehr": f"{RESULTS}/ehr/{wildcards.task}.nc",
+    }
+    if HAS_CXR:
+        inputs["cxr_index"] = f"{RESULTS}/cxr/index.parquet"
+        if uses_cxr(wildcards.model):
+            inputs["cxr_images"] = f"{RESULTS}/cxr/images.npy"
+            inputs["cxr_encoder"] = f"{RESULTS}/pretrain/cxr_encoder.pt"
+    return inputs
+
+
+def model_params(wildcards):
+    return config["models"][wildcards.model]
+
+
+def cxr_params(wildcards):
+    """CXR settings only for models that read X-rays, so EHR-only cells ignore CXR config changes."""
+    return config["cxr"] if uses_cxr(wildcards.model) else {}
+
+
+def aggregate_inputs(wildcards):
+    runs = grid_runs()
+    inputs = {
+        "metrics": [f"{run}/metrics.json" for run in runs],
+        "predictions": [f"{run}/predictions.parquet" for run in runs],
+    }
+    if SYNTHETIC:
+        inputs["oracle"] = f"{RESULTS}/raw/oracle.parquet"
+    return inputs

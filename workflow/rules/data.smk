@@ -1,0 +1,73 @@
+if SYNTHETIC:
+
+    rule synthesize:
+        output:
+            mimic_iv=directory(MIMIC_IV),
+            mimic_cxr=directory(MIMIC_CXR),
+            oracle=f"{RESULTS}/raw/oracle.parquet",
+            signal_map=f"{RESULTS}/raw/signal_map.json",
+        params:
+            synthetic=config["synthetic"],
+        log:
+            f"logs/{DATASET}/synthesize.log",
+        benchmark:
+            f"benchmarks/{DATASET}/synthesize.tsv"
+        threads: 2
+        conda:
+            "../../envs/data.yaml"
+        script:
+            "../../scripts/synthesize.py"
+
+
+rule cohort:
+    input:
+        unpack(cohort_inputs),
+    output:
+        stays="results/{dataset}/cohort/stays.parquet",
+        cxr_studies="results/{dataset}/cohort/cxr_studies.parquet",
+    params:
+        cohort=config["cohort"],
+    log:
+        "logs/{dataset}/cohort.log",
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../../scripts/cohort.py"
+
+
+rule ehr_tensor:
+    input:
+        mimic_iv=MIMIC_IV,
+        stays="results/{dataset}/cohort/stays.parquet",
+    output:
+        "results/{dataset}/ehr/{task}.nc",
+    params:
+        ehr=config["ehr"],
+    log:
+        "logs/{dataset}/ehr_tensor/{task}.log",
+    benchmark:
+        "benchmarks/{dataset}/ehr_tensor/{task}.tsv"
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../../scripts/ehr_tensor.py"
+
+
+rule cxr_cache:
+    input:
+        mimic_cxr=MIMIC_CXR if HAS_CXR else [],
+        cxr_studies="results/{dataset}/cohort/cxr_studies.parquet",
+    output:
+        images="results/{dataset}/cxr/images.npy",
+        index="results/{dataset}/cxr/index.parquet",
+    params:
+        image_size=config["cxr"]["image_size"],
+    log:
+        "logs/{dataset}/cxr_cache.log",
+    benchmark:
+        "benchmarks/{dataset}/cxr_cache.tsv"
+    threads: 2
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../../scripts/cxr_cache.py"

@@ -1,0 +1,23 @@
+rule train:
+    input:
+        unpack(train_inputs),
+    output:
+        metrics="results/{dataset}/runs/{task}/{model}/{missing}/seed{seed}/metrics.json",
+        predictions="results/{dataset}/runs/{task}/{model}/{missing}/seed{seed}/predictions.parquet",
+        model="results/{dataset}/runs/{task}/{model}/{missing}/seed{seed}/model.pt",
+        history="results/{dataset}/runs/{task}/{model}/{missing}/seed{seed}/history.csv",
+    params:
+        model=model_params,
+        cxr=cxr_params,
+        train=config["train"],
+    log:
+        "logs/{dataset}/train/{task}/{model}/{missing}/seed{seed}.log",
+    benchmark:
+        "benchmarks/{dataset}/train/{task}/{model}/{missing}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../../scripts/train.py"
