@@ -17,8 +17,8 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 def tiny_config() -> dict:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["synthetic"].update(n_stays=400, image_size=48)
-    config["cxr"].update(image_size=32, frozen_stages=2)
+    config["synthetic"].update(n_stays=400, image_size=64)
+    config["cxr"].update(image_size=64, frozen_stages=3)
     config["pretrain"].update(epochs=1)
     config["train"].update(epochs=2, patience=1)
     config["missing"] = ["natural", "miss0.5"]

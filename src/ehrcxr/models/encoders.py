@@ -1,0 +1,282 @@
+"""Shared encoders: EHR LSTM, EHR Transformer and a torchvision ResNet CXR backbone.
+
+Every fusion model builds its modality encoders from here, so that methods differ only in how
+they fuse. The CXR backbone is split into a frozen *prefix* (stem + the first ``frozen_stages``
+ResNet stages, always in eval mode) and a trainable *suffix*, so the trainer can compute the
+frozen part once per run (``frozen_cxr_prefix``) and feed prefix features instead of images.
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+RESNET_DEPTHS = (18, 34, 50)
+_STAGE_WIDTHS = (64, 128, 256, 512)
+_CXR_KEYS = {"depth", "weights", "frozen_stages", "pretrained", "in_channels", "image_size"}
+
+
+# ----------------------------------------------------------------------------------------- EHR
+def padding_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    """Boolean (B, steps) mask, True at padding positions (step >= length)."""
+    return torch.arange(steps, device=lengths.device)[None, :] >= lengths.to(torch.long)[:, None]
+
+
+def masked_mean(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tokens`` (B, T, D) over the first ``lengths[b]`` steps of each row -> (B, D)."""
+    valid = (~padding_mask(lengths, tokens.shape[1])).to(tokens.dtype).unsqueeze(-1)
+    return (tokens * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+
+
+def _check_ehr(x: torch.Tensor, lengths: torch.Tensor, in_features: int) -> None:
+    if x.dim() != 3 or x.shape[-1] != in_features:
+        raise ValueError(f"EHR input must be (B, T, {in_features}); got {tuple(x.shape)}")
+    if lengths.shape != (x.shape[0],):
+        raise ValueError(f"ehr_length must be ({x.shape[0]},); got {tuple(lengths.shape)}")
+
+
+class EHRLSTMEncoder(nn.Module):
+    """LSTM over packed EHR sequences; returns the hidden state at each stay's last valid step.
+
+    Initialisation follows MedFuse: Xavier-uniform input weights, orthogonal recurrent weights,
+    zero biases. A bidirectional LSTM concatenates [h_fwd, h_bwd] and projects it back to
+    ``hidden`` (CareBench), so ``out_dim == hidden`` always.
+    """
+
+    def __init__(self, in_features: int, hidden: int, layers: int = 1, dropout: float = 0.0,
+                 bidirectional: bool = False):
+        super().__init__()
+        self.in_features, self.hidden, self.bidirectional = in_features, hidden, bidirectional
+        self.out_dim = hidden
+        self.lstm = nn.LSTM(in_features, hidden, num_layers=layers, batch_first=True,
+                            dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
+        self.merge = nn.Linear(2 * hidden, hidden) if bidirectional else nn.Identity()
+        for name, weight in self.lstm.named_parameters():
+            if name.startswith("weight_ih"):
+                nn.init.xavier_uniform_(weight)
+            elif name.startswith("weight_hh"):
+                nn.init.orthogonal_(weight)
+            else:
+                nn.init.zeros_(weight)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, return_sequence: bool = False):
+        """x (B, T, in_features), lengths (B,) -> last valid hidden state (B, hidden).
+
+        With ``return_sequence`` also returns the per-step outputs (B, T, hidden·directions),
+        zero beyond each length.
+        """
+        _check_ehr(x, lengths, self.in_features)
+        lengths_cpu = lengths.detach().to("cpu", torch.long)
+        if int(lengths_cpu.min()) < 1 or int(lengths_cpu.max()) > x.shape[1]:
+            raise ValueError(f"ehr_length must lie in [1, {x.shape[1]}]; got "
+                             f"[{int(lengths_cpu.min())}, {int(lengths_cpu.max())}]")
+        packed = pack_padded_sequence(x, lengths_cpu, batch_first=True, enforce_sorted=False)
+        outputs, (h_n, _) = self.lstm(packed)
+        if self.bidirectional:
+            last = self.merge(torch.cat([h_n[-2], h_n[-1]], dim=-1))
+        else:
+            last = h_n[-1]
+        if not return_sequence:
+            return last
+        sequence, _ = pad_packed_sequence(outputs, batch_first=True, total_length=x.shape[1])
+        return last, sequence
+
+
+class EHRTransformerEncoder(nn.Module):
+    """Linear embedding + learnable positional encoding + Transformer encoder (CareBench/DrFuse).
+
+    Padding is excluded with a *boolean* key padding mask built from ``ehr_length`` (CareBench
+    passes a float 0/1 mask, which masks nothing), and the output is the mean over valid steps.
+    """
+
+    def __init__(self, in_features: int, hidden: int, heads: int = 4, layers: int = 1,
+                 dropout: float = 0.2, max_len: int = 512, feedforward: int | None = None):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+        self.in_features, self.hidden, self.max_len = in_features, hidden, max_len
+        self.out_dim = hidden
+        self.embed = nn.Linear(in_features, hidden)
+        self.position = nn.Parameter(torch.empty(1, max_len, hidden).uniform_(-0.1, 0.1))
+        self.encoder = transformer_encoder(hidden, heads, layers, dropout, feedforward)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, in_features), lengths (B,) -> (mean over valid steps (B, hidden), tokens (B, T, hidden))."""
+        _check_ehr(x, lengths, self.in_features)
+        steps = x.shape[1]
+        if steps > self.max_len:
+            raise ValueError(f"EHR sequence has {steps} steps, more than max_len={self.max_len}")
+        mask = padding_mask(lengths, steps)
+        tokens = self.encoder(self.embed(x) + self.position[:, :steps], src_key_padding_mask=mask)
+        return masked_mean(tokens, lengths), tokens
+
+
+def transformer_encoder(hidden: int, heads: int, layers: int, dropout: float,
+                        feedforward: int | None = None) -> nn.TransformerEncoder:
+    """A batch-first ``nn.TransformerEncoder`` (FFN width defaults to 4·hidden)."""
+    layer = nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=feedforward or 4 * hidden,
+                                       dropout=dropout, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+# ----------------------------------------------------------------------------------------- CXR
+def adapt_conv1_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Adapt RGB first-conv filters (out, 3, k, k) to ``in_channels`` inputs.
+
+    One channel: sum of the RGB filters (a grey image x gives the same response as RGB (x, x, x)).
+    Otherwise: the RGB filters cycled over the channels and rescaled by 3 / in_channels.
+    """
+    if weight.shape[1] == in_channels:
+        return weight
+    if weight.shape[1] != 3:
+        raise ValueError(f"cannot adapt conv1 with {weight.shape[1]} input channels to {in_channels}")
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_channels // 3)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (3.0 / in_channels)
+
+
+class CXRBackbone(nn.Module):
+    """torchvision ResNet-{18,34,50} without fc, split into a frozen prefix and a trainable suffix.
+
+    ``prefix`` = stem (conv1, bn1, relu, maxpool) + layer1..layer_k for k = ``frozen_stages``
+    (nn.Identity when 0): no gradients, always in eval mode. ``suffix`` = the remaining stages +
+    global average pooling + flatten, giving ``out_dim`` features (512 for 18/34, 2048 for 50).
+    """
+
+    def __init__(self, depth: int = 18, weights: str | Path | None = None, frozen_stages: int = 0,
+                 in_channels: int = 1):
+        super().__init__()
+        if depth not in RESNET_DEPTHS:
+            raise ValueError(f"cxr depth must be one of {RESNET_DEPTHS}; got {depth!r}")
+        if not 0 <= int(frozen_stages) <= 4:
+            raise ValueError(f"cxr frozen_stages must be in 0..4; got {frozen_stages!r}")
+        self.depth, self.frozen_stages, self.in_channels = depth, int(frozen_stages), in_channels
+        # "imagenet" downloads torchvision's IMAGENET1K_V1 weights (opt-in); a path is loaded below.
+        resnet = torchvision.models.get_model(f"resnet{depth}",
+                                              weights="IMAGENET1K_V1" if weights == "imagenet" else None)
+        expansion = 4 if depth == 50 else 1
+        self.out_dim = _STAGE_WIDTHS[-1] * expansion
+        if in_channels != 3:
+            conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            if weights == "imagenet":
+                with torch.no_grad():
+                    conv1.weight.copy_(adapt_conv1_weight(resnet.conv1.weight, in_channels))
+            resnet.conv1 = conv1
+        stem = nn.Sequential(OrderedDict(conv1=resnet.conv1, bn1=resnet.bn1, relu=resnet.relu,
+                                         maxpool=resnet.maxpool))
+        stages = [("stem", stem)] + [(f"layer{i}", getattr(resnet, f"layer{i}")) for i in range(1, 5)]
+        k = self.frozen_stages
+        self.prefix = nn.Sequential(OrderedDict(stages[:k + 1])) if k > 0 else nn.Identity()
+        tail = stages[k + 1:] if k > 0 else stages
+        self.suffix = nn.Sequential(OrderedDict(tail + [("pool", nn.AdaptiveAvgPool2d(1)),
+                                                        ("flatten", nn.Flatten(1))]))
+        self.prefix_channels = _STAGE_WIDTHS[k - 1] * expansion if k > 0 else in_channels
+        for parameter in self.prefix.parameters():
+            parameter.requires_grad_(False)
+        self.prefix.eval()
+        if weights not in (None, "imagenet"):
+            self.load_pretrained(weights)
+
+    def train(self, mode: bool = True) -> "CXRBackbone":
+        """Set train/eval mode; the frozen prefix always stays in eval mode."""
+        super().train(mode)
+        self.prefix.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, in_channels, H, W) or prefix features (B, prefix_channels, h, w) -> (B, out_dim)."""
+        if x.dim() != 4:
+            raise ValueError(f"CXR input must be 4-D (B, C, H, W); got {tuple(x.shape)}")
+        if x.shape[1] == self.in_channels and self.frozen_stages > 0:
+            with torch.no_grad():
+                x = self.prefix(x)
+        elif x.shape[1] not in (self.in_channels, self.prefix_channels):
+            raise ValueError(f"CXR input has {x.shape[1]} channels; expected an image with "
+                             f"{self.in_channels} or prefix features with {self.prefix_channels}")
+        return self.suffix(x)
+
+    @staticmethod
+    def _torchvision_name(key: str) -> str:
+        """Own state-dict key ('prefix.stem.conv1.weight') -> torchvision key ('conv1.weight')."""
+        key = key.split(".", 1)[1]
+        return key.split(".", 1)[1] if key.startswith("stem.") else key
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The ResNet weights without fc, keyed as in torchvision (``conv1.weight``, ``layer1.0...``)."""
+        return {self._torchvision_name(key): value.detach().clone()
+                for key, value in self.state_dict().items()}
+
+    def load_backbone_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load torchvision-keyed ResNet weights (``fc.*`` ignored, RGB conv1 adapted to in_channels)."""
+        own = {self._torchvision_name(key): key for key in self.state_dict()}
+        state = {key.removeprefix("module."): value for key, value in state.items()
+                 if not key.removeprefix("module.").startswith("fc.")}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"{source} does not match a ResNet-{self.depth} backbone: "
+                           f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                           f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        state = dict(state)
+        state["conv1.weight"] = adapt_conv1_weight(state["conv1.weight"], self.in_channels)
+        self.load_state_dict({own[key]: value for key, value in state.items()}, strict=True)
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load a state dict file written from ``backbone_state_dict()`` (or a torchvision ResNet)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"CXR weights file not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+        self.load_backbone_state_dict(state, source=str(path))
+
+    def branch(self) -> "CXRBackbone":
+        """A second backbone sharing this one's frozen prefix module, with a deep-copied suffix."""
+        return copy.deepcopy(self, memo={id(self.prefix): self.prefix})
+
+
+def build_cxr_backbone(cxr: dict | None, in_channels: int = 1) -> CXRBackbone:
+    """Build a CXRBackbone from the ``cxr`` config dict and load ``cxr["pretrained"]`` if given."""
+    cxr = dict(cxr or {})
+    unknown = sorted(set(cxr) - _CXR_KEYS)
+    if unknown:
+        raise ValueError(f"unknown cxr config keys {unknown}; allowed: {sorted(_CXR_KEYS)}")
+    backbone = CXRBackbone(depth=int(cxr.get("depth", 18)), weights=cxr.get("weights"),
+                           frozen_stages=int(cxr.get("frozen_stages", 0)),
+                           in_channels=int(cxr.get("in_channels", in_channels)))
+    if cxr.get("pretrained"):
+        backbone.load_pretrained(cxr["pretrained"])
+    return backbone
+
+
+def frozen_cxr_prefix(model: nn.Module) -> nn.Module | None:
+    """The single frozen prefix shared by every CXRBackbone in ``model``, else None.
+
+    None when the model has no backbone, a backbone has ``frozen_stages == 0``, or the backbones
+    do not share one prefix module object.
+    """
+    backbones = [module for module in model.modules() if isinstance(module, CXRBackbone)]
+    if not backbones or any(backbone.frozen_stages == 0 for backbone in backbones):
+        return None
+    prefixes = {id(backbone.prefix) for backbone in backbones}
+    return backbones[0].prefix if len(prefixes) == 1 else None
+
+
+def encode_paired_cxr(backbone: CXRBackbone, cxr: torch.Tensor, has_cxr: torch.Tensor) -> torch.Tensor:
+    """Backbone features (B, out_dim) of the rows with has_cxr == 1; exact zeros elsewhere.
+
+    Only the paired rows pass through the backbone, so a missing image (its pixels, or its
+    share of BatchNorm batch statistics) can never influence any output.
+    """
+    paired = has_cxr > 0.5
+    features = cxr.new_zeros(cxr.shape[0], backbone.out_dim)
+    if bool(paired.any()):
+        features = features.index_put((paired.nonzero(as_tuple=True)[0],), backbone(cxr[paired]))
+    return features

@@ -1,0 +1,44 @@
+"""Late fusion by feature concatenation (CareBench `models/simple/`, with missing CXRs zeroed)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ehrcxr.models.base import Batch, ModelOutput
+from ehrcxr.models.encoders import (EHRLSTMEncoder, EHRTransformerEncoder, build_cxr_backbone,
+                                    encode_paired_cxr)
+from ehrcxr.models.registry import register
+
+
+@register("late_fusion")
+class LateFusion(nn.Module):
+    """[EHR feature ∥ projected CXR feature · has_cxr ∥ has_cxr] -> dropout -> Linear.
+
+    CareBench's released code feeds the features of the zero placeholder image for missing
+    X-rays; here they are exact zeros and the has_cxr flag is an extra input.
+    """
+
+    def __init__(self, n_labels: int, ehr_features: int, cxr: dict | None = None, hidden: int = 128,
+                 dropout: float = 0.2, ehr_encoder: str = "transformer", heads: int = 4, layers: int = 1,
+                 max_len: int = 512):
+        super().__init__()
+        if ehr_encoder == "transformer":
+            self.ehr_encoder = EHRTransformerEncoder(ehr_features, hidden, heads=heads, layers=layers,
+                                                     dropout=dropout, max_len=max_len)
+        elif ehr_encoder == "lstm":
+            self.ehr_encoder = EHRLSTMEncoder(ehr_features, hidden, layers=layers, dropout=dropout)
+        else:
+            raise ValueError(f"late_fusion ehr_encoder must be 'transformer' or 'lstm'; got {ehr_encoder!r}")
+        self.cxr_backbone = build_cxr_backbone(cxr)
+        self.cxr_projection = nn.Linear(self.cxr_backbone.out_dim, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * hidden + 1, n_labels)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        """Logits (B, n_labels) from the concatenated features; no auxiliary losses."""
+        ehr = self.ehr_encoder(batch.ehr, batch.ehr_length)
+        if isinstance(ehr, tuple):
+            ehr = ehr[0]
+        has_cxr = (batch.has_cxr > 0.5).to(ehr.dtype).unsqueeze(1)
+        cxr = self.cxr_projection(encode_paired_cxr(self.cxr_backbone, batch.cxr, batch.has_cxr)) * has_cxr
+        return ModelOutput(self.head(self.dropout(torch.cat([ehr, cxr, has_cxr], dim=1))))
