@@ -1,0 +1,303 @@
+"""Aggregate per-run test predictions into the main results table (long-form CSV + Markdown).
+
+Runs are grouped by (task, model, missing); the seeds of a group are pooled (see
+:func:`ehrcxr.evaluate.bootstrap.bootstrap_ci`) on each evaluation set. Only aggregates are written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ehrcxr.evaluate.bootstrap import bootstrap_metrics
+from ehrcxr.evaluate.metrics import METRICS
+
+log = logging.getLogger("ehrcxr.evaluate")
+
+EVAL_SETS = ("paired_test", "partial_test")
+COLUMNS = ["task", "model", "missing", "eval_set", "metric", "estimate", "ci_low", "ci_high", "n_seeds"]
+ORACLE_MODEL, ORACLE_MISSING = "oracle", "—"
+_RUN_KEYS = ("task", "model", "missing", "seed", "labels")
+
+
+@dataclass
+class Run:
+    """One training run: its identity from metrics.json and its test predictions."""
+
+    path: Path
+    task: str
+    model: str
+    missing: str
+    seed: int
+    labels: list[str]
+    predictions: pd.DataFrame
+
+    def eval_set(self, eval_set: str) -> pd.DataFrame:
+        """Rows of ``eval_set``, sorted by stay_id."""
+        rows = self.predictions[self.predictions["eval_set"] == eval_set]
+        return rows.sort_values("stay_id").reset_index(drop=True)
+
+
+def _check_predictions(frame: pd.DataFrame, labels: list[str], path: Path) -> None:
+    needed = ["stay_id", "eval_set"] + [f"{k}_{label}" for label in labels for k in ("y", "p")]
+    absent = [c for c in needed if c not in frame.columns]
+    if absent:
+        raise ValueError(f"{path}: missing columns {absent}")
+    bad_set = ~frame["eval_set"].isin(EVAL_SETS)
+    if bad_set.any():
+        row = int(np.flatnonzero(bad_set)[0])
+        raise ValueError(
+            f"{path}: column eval_set, row {row}: {frame['eval_set'].iloc[row]!r} is not one of {EVAL_SETS}"
+        )
+    duplicated = frame.duplicated(["stay_id", "eval_set"])
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated)[0])
+        raise ValueError(f"{path}: stay_id {frame['stay_id'].iloc[row]} appears twice in eval_set "
+                         f"{frame['eval_set'].iloc[row]!r} (row {row})")
+    for label in labels:
+        y = frame[f"y_{label}"].to_numpy()
+        bad = ~np.isin(y, (0, 1))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{path}: column y_{label}, row {row} (stay_id {frame['stay_id'].iloc[row]}): "
+                             f"label {y[row]!r} is not 0/1")
+        p = pd.to_numeric(frame[f"p_{label}"], errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(p)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{path}: column p_{label}, row {row} (stay_id {frame['stay_id'].iloc[row]}): "
+                             f"probability {frame[f'p_{label}'].iloc[row]!r} is not a finite number")
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read ``metrics.json`` and ``predictions.parquet`` of one run directory and validate them."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "metrics.json"
+    meta = json.loads(meta_path.read_text())
+    absent = [k for k in _RUN_KEYS if k not in meta]
+    if absent:
+        raise ValueError(f"{meta_path}: missing keys {absent}")
+    labels = list(meta["labels"])
+    if not labels:
+        raise ValueError(f"{meta_path}: 'labels' is empty")
+    pred_path = run_dir / "predictions.parquet"
+    columns = ["stay_id", "eval_set"] + [f"{k}_{label}" for label in labels for k in ("y", "p")]
+    available = set(pq.read_schema(pred_path).names)
+    absent = [c for c in columns if c not in available]
+    if absent:
+        raise ValueError(f"{pred_path}: missing columns {absent}")
+    predictions = pd.read_parquet(pred_path, columns=columns)
+    _check_predictions(predictions, labels, pred_path)
+    return Run(run_dir, str(meta["task"]), str(meta["model"]), str(meta["missing"]), int(meta["seed"]),
+               labels, predictions)
+
+
+def _as_run_dirs(paths) -> list[Path]:
+    """Run directories from directories or files inside them (metrics.json / predictions.parquet)."""
+    dirs: dict[Path, None] = {}
+    for path in map(Path, paths):
+        dirs[path.parent if path.suffix in (".json", ".parquet") else path] = None
+    return list(dirs)
+
+
+def _load_runs(run_dirs, allow_missing: bool) -> list[Run]:
+    runs = []
+    for run_dir in _as_run_dirs(run_dirs):
+        absent = [f for f in ("metrics.json", "predictions.parquet") if not (run_dir / f).is_file()]
+        if absent:
+            if not allow_missing:
+                raise FileNotFoundError(f"run {run_dir} lacks {absent}")
+            log.warning("skipping run %s: it lacks %s", run_dir, absent)
+            continue
+        runs.append(load_run(run_dir))
+    if not runs:
+        raise ValueError("no complete runs to aggregate")
+    return runs
+
+
+def _group_runs(runs: list[Run]) -> dict[tuple[str, str, str], list[Run]]:
+    groups: dict[tuple[str, str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.task, run.model, run.missing), []).append(run)
+    for key, members in groups.items():
+        members.sort(key=lambda r: r.seed)
+        seeds = [r.seed for r in members]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"runs of {key} repeat a seed: {[str(r.path) for r in members]}")
+        if any(r.labels != members[0].labels for r in members):
+            raise ValueError(f"runs of {key} disagree on labels: {[str(r.path) for r in members]}")
+    return groups
+
+
+def _pooled_arrays(members: list[Run], eval_set: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Stay ids, labels (N, L) and per-seed probabilities of ``eval_set``; the stays must match across seeds."""
+    labels = members[0].labels
+    reference = members[0].eval_set(eval_set)
+    stay_ids = reference["stay_id"].to_numpy()
+    y = reference[[f"y_{label}" for label in labels]].to_numpy(dtype=np.int8)
+    p_by_seed = []
+    for run in members:
+        rows = run.eval_set(eval_set)
+        ids = rows["stay_id"].to_numpy()
+        if ids.shape != stay_ids.shape or (ids != stay_ids).any():
+            only_here = np.setdiff1d(ids, stay_ids).size
+            only_there = np.setdiff1d(stay_ids, ids).size
+            raise ValueError(
+                f"{eval_set} stays differ across seeds of ({run.task}, {run.model}, {run.missing}): "
+                f"{run.path} has {ids.size} stays, {members[0].path} has {stay_ids.size}; "
+                f"{only_here} only in the first, {only_there} only in the second"
+            )
+        run_y = rows[[f"y_{label}" for label in labels]].to_numpy(dtype=np.int8)
+        if (run_y != y).any():
+            stay, col = np.argwhere(run_y != y)[0]
+            raise ValueError(f"{eval_set} labels differ across seeds: y_{labels[col]} of stay_id "
+                             f"{stay_ids[stay]} in {run.path} vs {members[0].path}")
+        p_by_seed.append(rows[[f"p_{label}" for label in labels]].to_numpy(dtype=np.float64))
+    return stay_ids, y, p_by_seed
+
+
+def _metric_rows(key, eval_set, labels, y, p_by_seed, *, n_boot, ci, seed) -> list[dict]:
+    task, model, missing = key
+    rows = []
+    results = bootstrap_metrics(y, p_by_seed, list(METRICS), n_boot=n_boot, ci=ci, seed=seed)
+    for name, (macro_ci, label_ci) in zip(METRICS, results):
+        named = [(name, macro_ci)]
+        if len(labels) > 1:  # multi-label tasks (phenotyping) also report every label
+            named += [(f"{name}:{label}", tuple(label_ci[j])) for j, label in enumerate(labels)]
+        for metric, (estimate, low, high) in named:
+            if not np.isfinite(estimate):
+                log.warning("%s %s %s %s: %s undefined (a label has a single class)",
+                            task, model, missing, eval_set, metric)
+            rows.append(dict(task=task, model=model, missing=missing, eval_set=eval_set, metric=metric,
+                             estimate=estimate, ci_low=low, ci_high=high, n_seeds=len(p_by_seed)))
+    return rows
+
+
+def _oracle_rows(groups, oracle_path: Path, *, n_boot, ci, seed) -> list[dict]:
+    oracle = pd.read_parquet(oracle_path)
+    if "stay_id" not in oracle.columns:
+        raise ValueError(f"{oracle_path}: missing column stay_id")
+    if oracle["stay_id"].duplicated().any():
+        raise ValueError(f"{oracle_path}: stay_id {oracle['stay_id'][oracle['stay_id'].duplicated()].iloc[0]} "
+                         "appears twice")
+    oracle = oracle.set_index("stay_id")
+    rows = []
+    for task in sorted({key[0] for key in groups}):
+        # the task's eval sets are defined by the `natural` setting (all task stays), else by any run
+        candidates = sorted((key for key in groups if key[0] == task), key=lambda k: (k[2] != "natural", k))
+        reference = groups[candidates[0]][0]
+        labels = reference.labels
+        absent = [label for label in labels if label not in oracle.columns]
+        if absent:
+            raise ValueError(f"{oracle_path}: missing columns {absent} for task {task}")
+        for eval_set in EVAL_SETS:
+            stays = reference.eval_set(eval_set)
+            if stays.empty:
+                continue
+            unknown = ~stays["stay_id"].isin(oracle.index)
+            if unknown.any():
+                raise ValueError(f"{oracle_path}: no oracle row for stay_id {stays['stay_id'][unknown].iloc[0]} "
+                                 f"({unknown.sum()} {task} {eval_set} stays of {reference.path} lack one)")
+            y = stays[[f"y_{label}" for label in labels]].to_numpy(dtype=np.int8)
+            p = oracle.loc[stays["stay_id"], labels].to_numpy(dtype=np.float64)
+            rows += _metric_rows((task, ORACLE_MODEL, ORACLE_MISSING), eval_set, labels, y, [p],
+                                 n_boot=n_boot, ci=ci, seed=seed)
+    return rows
+
+
+def _missing_order(missing: str) -> tuple:
+    if missing == "natural":
+        return (0, 0.0, missing)
+    match = re.fullmatch(r"miss(\d*\.?\d+)", missing)
+    if match:
+        return (1, float(match.group(1)), missing)
+    return (3, 0.0, missing) if missing == ORACLE_MISSING else (2, 0.0, missing)
+
+
+def _format_ci(row) -> str:
+    if not np.isfinite(row.estimate):
+        return "n/a"
+    return f"{row.estimate:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
+
+
+def render_markdown(table: pd.DataFrame, *, ci: float = 0.95, n_boot: int = 1000) -> str:
+    """Markdown of the macro metrics: one section per task × eval_set, models × missing settings."""
+    lines = [
+        "# Main results",
+        "",
+        f"Estimate [{ci:.0%} CI]: mean over training seeds of the macro metric on the test stays; "
+        f"percentile bootstrap over stays ({n_boot} resamples, shared by all seeds).",
+    ]
+    macro = table[table["metric"].isin(list(METRICS))]
+    for (task, eval_set), section in macro.groupby(["task", "eval_set"], sort=True):
+        lines += ["", f"## {task} — {eval_set}"]
+        for metric in METRICS:
+            cells = section[section["metric"] == metric]
+            if cells.empty:
+                continue
+            cells = cells.assign(cell=[_format_ci(r) for r in cells.itertuples()])
+            grid = cells.pivot(index="model", columns="missing", values="cell").fillna("")
+            grid = grid[sorted(grid.columns, key=_missing_order)]
+            grid = grid.loc[sorted(grid.index, key=lambda m: (m == ORACLE_MODEL, m))]
+            grid.columns.name = None
+            lines += ["", f"### Macro {metric.upper()}", "", grid.to_markdown()]
+    return "\n".join(lines) + "\n"
+
+
+def aggregate_runs(
+    run_dirs,
+    out_csv: str | Path,
+    out_md: str | Path,
+    *,
+    oracle_path: str | Path | None = None,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    allow_missing: bool = False,
+) -> pd.DataFrame:
+    """Build the main results table from run directories and write it as CSV and Markdown.
+
+    ``run_dirs``: run directories (or files inside them). Runs are grouped by (task, model, missing)
+    and their seeds pooled; each group's eval sets must hold the same stays and labels in every seed.
+    For each eval set the table holds macro ``auroc``/``auprc`` with bootstrap CIs and, for multi-label
+    tasks, ``<metric>:<label>`` rows. ``oracle_path`` (synthetic data) adds rows model='oracle',
+    missing='—' scored on the stays of each task's eval sets (taken from a ``natural`` run when there is
+    one). ``allow_missing`` skips run directories without predictions instead of failing.
+    Returns the long-form table (columns :data:`COLUMNS`).
+    """
+    groups = _group_runs(_load_runs(run_dirs, allow_missing))
+    rows = []
+    for key in sorted(groups):
+        members = groups[key]
+        for eval_set in EVAL_SETS:
+            if all(run.eval_set(eval_set).empty for run in members):
+                continue
+            _, y, p_by_seed = _pooled_arrays(members, eval_set)
+            rows += _metric_rows(key, eval_set, members[0].labels, y, p_by_seed, n_boot=n_boot, ci=ci, seed=seed)
+        log.info("aggregated %s over seeds %s", key, [r.seed for r in members])
+    if oracle_path is not None:
+        rows += _oracle_rows(groups, Path(oracle_path), n_boot=n_boot, ci=ci, seed=seed)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table = table.sort_values(["task", "eval_set", "metric", "model", "missing"], kind="stable").reset_index(drop=True)
+    out_csv, out_md = Path(out_csv), Path(out_md)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_csv, index=False)
+    out_md.write_text(render_markdown(table, ci=ci, n_boot=n_boot))
+    log.info("wrote %d rows to %s and %s", len(table), out_csv, out_md)
+    return table
+
+
+def run_aggregate(run_dirs, out_csv, out_md, oracle_path, params: dict) -> pd.DataFrame:
+    """Workflow entry point: ``params`` is the config ``evaluate:`` section (n_bootstrap, ci, seed)."""
+    absent = [k for k in ("n_bootstrap", "ci", "seed") if k not in params]
+    if absent:
+        raise ValueError(f"config evaluate: section lacks {absent}")
+    return aggregate_runs(run_dirs, out_csv, out_md, oracle_path=oracle_path or None,
+                          n_boot=int(params["n_bootstrap"]), ci=float(params["ci"]), seed=int(params["seed"]))
