@@ -11,6 +11,8 @@ from typing import Iterable, Iterator
 
 import pandas as pd
 
+from ehrcxr.resources import CHEXPERT_LABELS
+
 log = logging.getLogger("ehrcxr.raw")
 
 
@@ -65,8 +67,9 @@ CXR_TABLES: dict[str, TableSpec] = {
                           ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime"),
                           {"dicom_id": _STR, "subject_id": "int64", "study_id": "int64", "ViewPosition": _STR,
                            "StudyDate": "int64", "StudyTime": "float64"}),
-    "chexpert": TableSpec("mimic-cxr-2.0.0-chexpert", ("subject_id", "study_id"),
-                          {"subject_id": "int64", "study_id": "int64"}),
+    "chexpert": TableSpec("mimic-cxr-2.0.0-chexpert", ("subject_id", "study_id", *CHEXPERT_LABELS),
+                          {"subject_id": "int64", "study_id": "int64",
+                           **{label: "float64" for label in CHEXPERT_LABELS}}),
     "split": TableSpec("mimic-cxr-2.0.0-split", ("dicom_id", "study_id", "subject_id", "split"),
                        {"dicom_id": _STR, "study_id": "int64", "subject_id": "int64", "split": _STR}),
 }
@@ -118,7 +121,8 @@ def check_mimic_cxr(root: str | Path) -> None:
 
 def _convert(frame: pd.DataFrame, spec: TableSpec, path: Path, row_offset: int = 0) -> pd.DataFrame:
     for column in spec.timestamps:
-        frame[column] = parse_timestamps(frame[column], path, column, row_offset)
+        if column in frame.columns:
+            frame[column] = parse_timestamps(frame[column], path, column, row_offset)
     return frame
 
 
