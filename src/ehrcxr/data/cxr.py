@@ -1,0 +1,161 @@
+"""Chest X-ray image cache: every usable frontal JPEG decoded once into a memory-mapped uint8 array."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+log = logging.getLogger("ehrcxr.cxr")
+
+FRONTAL_VIEWS = ("AP", "PA")
+STATUSES = ("ok", "missing", "corrupt")
+# Images are stored as uint8 and served to models as (x / 255 - PIXEL_MEAN) / PIXEL_STD.
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.25
+CHUNK_SIZE = 256
+
+
+def decode_image(path: str | Path, image_size: int) -> np.ndarray:
+    """Decode one JPEG as grayscale, resize its shorter side to ``image_size`` (bilinear) and centre-crop
+    to ``image_size`` x ``image_size``; returns a uint8 array. Truncated or unreadable files raise OSError.
+
+    Large JPEGs are first DCT-downscaled by PIL's ``draft`` while keeping the shorter side at least
+    2 x ``image_size`` (no effect on images smaller than 4 x ``image_size``).
+    """
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with Image.open(path) as image:
+        image.draft("L", (2 * image_size, 2 * image_size))
+        image = image.convert("L")
+        width, height = image.size
+        if width <= height:
+            new_width, new_height = image_size, max(image_size, int(round(height * image_size / width)))
+        else:
+            new_width, new_height = max(image_size, int(round(width * image_size / height))), image_size
+        resized = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
+        left = (new_width - image_size) // 2
+        top = (new_height - image_size) // 2
+        cropped = resized.crop((left, top, left + image_size, top + image_size))
+        return np.asarray(cropped, dtype=np.uint8)
+
+
+def _decode_chunk(task: tuple[str, list[str], int, int]) -> tuple[int, list[str], list[str]]:
+    """Worker: decode ``paths`` into rows ``start..`` of the memmap at ``images_path``; returns statuses."""
+    images_path, paths, start, image_size = task
+    images = np.load(images_path, mmap_mode="r+")
+    statuses, messages = [], []
+    for offset, path in enumerate(paths):
+        if not Path(path).is_file():
+            statuses.append("missing")
+            messages.append(f"missing CXR image {path}")
+            continue
+        try:
+            images[start + offset] = decode_image(path, image_size)
+            statuses.append("ok")
+            messages.append("")
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+            statuses.append("corrupt")
+            messages.append(f"corrupt CXR image {path}: {error}")
+    images.flush()
+    del images
+    return start, statuses, messages
+
+
+def frontal_images(cxr_studies: pd.DataFrame) -> pd.DataFrame:
+    """Unique frontal (AP/PA) images of ``cxr_studies`` as (dicom_id, path), sorted by dicom_id."""
+    missing_columns = {"dicom_id", "view_position", "path"} - set(cxr_studies.columns)
+    if missing_columns:
+        raise ValueError(f"cxr_studies lacks column(s) {sorted(missing_columns)}")
+    frontal = cxr_studies.loc[cxr_studies["view_position"].isin(FRONTAL_VIEWS), ["dicom_id", "path"]]
+    frontal = frontal.drop_duplicates("dicom_id").sort_values("dicom_id").reset_index(drop=True)
+    if frontal["path"].isna().any():
+        bad = frontal.loc[frontal["path"].isna(), "dicom_id"].iloc[0]
+        raise ValueError(f"cxr_studies: frontal image {bad} has no path")
+    return frontal
+
+
+def build_cxr_cache(cxr_root: str | Path, cxr_studies: pd.DataFrame, image_size: int,
+                    out_images: str | Path, out_index: str | Path, threads: int = 1) -> dict:
+    """Decode every unique frontal image of ``cxr_studies`` once into ``out_images`` (uint8 (N, S, S) .npy)
+    and write ``out_index`` (dicom_id, row, status). Missing/corrupt files are logged, get row -1 and do not
+    stop the run. Returns counts per status, the number of images and the seconds taken."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    started = time.perf_counter()
+    frontal = frontal_images(cxr_studies)
+    n_images = len(frontal)
+    Path(out_images).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_index).parent.mkdir(parents=True, exist_ok=True)
+    images = np.lib.format.open_memmap(out_images, mode="w+", dtype=np.uint8, shape=(n_images, image_size, image_size))
+    images.flush()
+    del images
+    paths = [str(Path(cxr_root) / relative) for relative in frontal["path"]]
+    tasks = [(str(out_images), paths[start:start + CHUNK_SIZE], start, image_size)
+             for start in range(0, n_images, CHUNK_SIZE)]
+    statuses = np.empty(n_images, dtype=object)
+    threads = max(1, int(threads))
+    if threads == 1 or len(tasks) <= 1:
+        results = map(_decode_chunk, tasks)
+        pool = None
+    else:
+        pool = multiprocessing.get_context("fork").Pool(threads)
+        results = pool.imap_unordered(_decode_chunk, tasks)
+    try:
+        done = 0
+        for start, chunk_statuses, messages in results:
+            statuses[start:start + len(chunk_statuses)] = chunk_statuses
+            for message in messages:
+                if message:
+                    log.warning(message)
+            done += len(chunk_statuses)
+            if len(tasks) > 1:
+                log.info("decoded %d/%d CXR images", done, n_images)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    statuses = statuses.astype(str) if n_images else np.array([], dtype=str)
+    ok = statuses == "ok"
+    index = pd.DataFrame({
+        "dicom_id": frontal["dicom_id"].astype(str).to_numpy(),
+        "row": np.where(ok, np.arange(n_images), -1).astype(np.int64),
+        "status": statuses,
+    })
+    index.to_parquet(out_index, index=False)
+    counts = {status: int((statuses == status).sum()) for status in STATUSES}
+    seconds = time.perf_counter() - started
+    log.info("CXR cache: %d frontal images (%s) at %dx%d px in %.1f s", n_images,
+             ", ".join(f"{k} {v}" for k, v in counts.items()), image_size, image_size, seconds)
+    return {"n_images": n_images, **counts, "seconds": seconds}
+
+
+def run_cxr_cache(cxr_root: str | Path, cxr_studies_path: str | Path, out_images: str | Path,
+                  out_index: str | Path, image_size: int, threads: int = 1) -> dict:
+    """Workflow entry point: read cohort/cxr_studies.parquet and build the cache."""
+    cxr_studies = pd.read_parquet(cxr_studies_path)
+    return build_cxr_cache(cxr_root, cxr_studies, int(image_size), out_images, out_index, threads=threads)
+
+
+def load_cxr_cache(images_path: str | Path, index_path: str | Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """The memory-mapped (read-only) image array and the index DataFrame of a cache."""
+    images = np.load(images_path, mmap_mode="r")
+    index = pd.read_parquet(index_path)
+    missing_columns = {"dicom_id", "row", "status"} - set(index.columns)
+    if missing_columns:
+        raise ValueError(f"{index_path}: missing column(s) {sorted(missing_columns)}")
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{images_path}: expected a uint8 (N, S, S) array, got {images.dtype} {images.shape}")
+    if len(index) and int(index["row"].max()) >= images.shape[0]:
+        raise ValueError(f"{index_path}: row {int(index['row'].max())} beyond {images.shape[0]} cached images")
+    return images, index
+
+
+def normalise_images(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (B, S, S) pixels -> float32 (B, 1, S, S) tensor scaled as (x / 255 - 0.5) / 0.25."""
+    images = torch.from_numpy(np.ascontiguousarray(pixels)).float().unsqueeze(1)
+    return (images / 255.0 - PIXEL_MEAN) / PIXEL_STD

@@ -1,0 +1,94 @@
+"""One benchmark cell: (task, model, missing, seed) -> trained model, test predictions and metrics."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ehrcxr.data.datasets import EVAL_SETS, load_cell_data
+from ehrcxr.models import create_model
+from ehrcxr.train.loop import fit, macro_scores, predict, resolve_device, seed_everything
+
+log = logging.getLogger("ehrcxr.train")
+
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "patience")
+
+
+def _json_number(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def run_cell(inputs: dict, out_dir: str | Path, task: str, model: str, missing: str, seed: int,
+             model_params: dict, cxr_params: dict, train_params: dict, threads: int = 1) -> dict:
+    """Train ``model`` on the (task, missing, seed) cell and write predictions.parquet, metrics.json,
+    model.pt, history.csv and checkpoint.pt into ``out_dir`` (resuming from a checkpoint there).
+
+    inputs: 'stays', 'ehr', optional 'cxr_index', 'cxr_images', 'cxr_encoder'. model_params: {"modalities",
+    "params"}; cxr_params: config ``cxr:``; train_params: config ``train:``. Returns the metrics dict.
+    """
+    for key in ("stays", "ehr"):
+        if key not in inputs:
+            raise KeyError(f"run_cell inputs lack {key!r}")
+    absent = [key for key in TRAIN_KEYS if key not in train_params]
+    if absent:
+        raise KeyError(f"train parameters lack {absent}")
+    modalities = list(model_params.get("modalities", []))
+    unknown = sorted(set(modalities) - {"ehr", "cxr"})
+    if not modalities or unknown:
+        raise ValueError(f"model {model!r}: modalities must be a non-empty subset of [ehr, cxr]; got {modalities}")
+    uses_cxr = "cxr" in modalities
+    if uses_cxr and not inputs.get("cxr_images"):
+        raise ValueError(f"model {model!r} uses the CXR but no 'cxr_images' input was given")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    data = load_cell_data(inputs["stays"], inputs["ehr"], task, missing, seed,
+                          cxr_index_path=inputs.get("cxr_index"),
+                          cxr_images_path=inputs.get("cxr_images") if uses_cxr else None)
+    seed_everything(seed)
+    cxr = None
+    if uses_cxr:
+        cxr = {**cxr_params, "pretrained": inputs.get("cxr_encoder")}
+    network = create_model(model, n_labels=len(data.labels), ehr_features=data.ehr_features, cxr=cxr,
+                           **dict(model_params.get("params") or {}))
+    device = train_params.get("device", "auto")
+    result = fit(network, data, out_dir, epochs=int(train_params["epochs"]),
+                 batch_size=int(train_params["batch_size"]), lr=float(train_params["lr"]),
+                 weight_decay=float(train_params["weight_decay"]), patience=int(train_params["patience"]),
+                 seed=seed, device=device, threads=threads, log=log)
+
+    resolved = resolve_device(device)
+    frames, metrics = [], {}
+    for eval_set in EVAL_SETS:
+        stay_set = data.splits[eval_set]
+        probabilities = predict(network, stay_set, batch_size=max(int(train_params["batch_size"]), 256),
+                                device=resolved)
+        labels = stay_set.labels.numpy()
+        auprc, auroc = macro_scores(labels, probabilities)
+        metrics[eval_set] = {"auroc": _json_number(auroc), "auprc": _json_number(auprc)}
+        frame = pd.DataFrame({"stay_id": stay_set.stay_id.numpy(), "eval_set": eval_set,
+                              "has_cxr": stay_set.has_cxr.numpy().astype(np.int8)})
+        for column, label in enumerate(data.labels):
+            frame[f"y_{label}"] = labels[:, column].astype(np.int8)
+        for column, label in enumerate(data.labels):
+            frame[f"p_{label}"] = probabilities[:, column].astype(np.float64)
+        frames.append(frame)
+    predictions = pd.concat(frames, ignore_index=True)
+    _write_atomic(out_dir / "predictions.parquet", lambda path: predictions.to_parquet(path, index=False))
+    summary = {"task": task, "model": model, "missing": missing, "seed": int(seed), "labels": data.labels,
+               "n_stays": data.sizes(), "best_epoch": int(result.best_epoch), "metrics": metrics}
+    _write_atomic(out_dir / "metrics.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
+    log.info("%s/%s/%s seed %d: best epoch %d; %s", task, model, missing, seed, result.best_epoch,
+             "; ".join(f"{name} AUROC {m['auroc']} AUPRC {m['auprc']}" for name, m in metrics.items()))
+    return summary
+
+
+def _write_atomic(path: Path, write) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    write(temporary)
+    os.replace(temporary, path)

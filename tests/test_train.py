@@ -1,0 +1,312 @@
+"""Cell datasets, the trainer (learning, early stopping, resume, determinism), run_cell and CXR pretraining."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+from sklearn.metrics import average_precision_score, roc_auc_score
+from torch import nn
+
+from ehrcxr.data.datasets import load_cell_data
+from ehrcxr.models import ModelOutput, create_model, register
+from ehrcxr.models.encoders import CXRBackbone
+from ehrcxr.resources import CHEXPERT_LABELS
+from ehrcxr.train.cell import run_cell
+from ehrcxr.train.loop import fit, precompute_cxr_features, predict, seed_everything
+from ehrcxr.train.pretrain import chexpert_image_labels, pretrain_cxr
+
+N_STAYS, HOURS, N_VALUES, N_VARIABLES, IMAGE = 160, 4, 3, 2, 16
+CORRUPT_STAY = 5  # its paired image is in the cache index with status 'corrupt'
+TRAIN = dict(epochs=12, batch_size=16, lr=0.05, weight_decay=0.0, patience=20, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+@register("tiny_test_model")
+class TinyModel(nn.Module):
+    """Logistic regression on the first EHR hour (+ the mean image brightness when built with a CXR)."""
+
+    def __init__(self, n_labels: int, ehr_features: int, cxr: dict | None = None, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.ehr_head = nn.Linear(ehr_features, n_labels)
+        self.cxr_head = nn.Linear(1, n_labels) if cxr is not None else None
+
+    def forward(self, batch) -> ModelOutput:
+        logits = self.ehr_head(self.dropout(batch.ehr[:, 0, :]))
+        if self.cxr_head is not None:
+            brightness = batch.cxr.mean(dim=(1, 2, 3)).unsqueeze(1)
+            logits = logits + self.cxr_head(brightness) * batch.has_cxr.unsqueeze(1)
+        return ModelOutput(logits, {"l2": 1e-4 * self.ehr_head.weight.pow(2).sum()})
+
+
+def stay_plan() -> pd.DataFrame:
+    """Ground truth per stay i: split (i % 10: 0-5 train, 6-7 val, 8-9 test), mortality-task membership,
+    whether a paired image exists (i % 4 != 0) and is usable (not CORRUPT_STAY)."""
+    i = np.arange(N_STAYS)
+    split = np.where(i % 10 < 6, "train", np.where(i % 10 < 8, "val", "test"))
+    return pd.DataFrame({"i": i, "stay_id": 1000 + i, "subject_id": 1 + i, "split": split,
+                         "in_mortality_task": i % 15 != 14, "paired": i % 4 != 0,
+                         "usable": (i % 4 != 0) & (i != CORRUPT_STAY),
+                         "length": 1 + i % HOURS, "cxr_hours": (i % 7).astype(float)})
+
+
+def write_cell_files(tmp_path, label_from: str = "ehr") -> dict:
+    """stays.parquet, ehr/mortality.nc and a hand-made image cache; mortality is (ehr value 0 at hour 0 > 0)
+    or (the paired image is bright), depending on ``label_from``."""
+    rng = np.random.default_rng(7)
+    plan = stay_plan()
+    values = rng.normal(size=(N_STAYS, HOURS, N_VALUES)).astype(np.float32)
+    mask = rng.integers(0, 2, size=(N_STAYS, HOURS, N_VARIABLES)).astype(np.uint8)
+    bright = rng.random(N_STAYS) < 0.4
+    mortality = values[:, 0, 0] > 0 if label_from == "ehr" else bright
+    dicom = np.where(plan["paired"], [f"img{i}" for i in plan["i"]], None)
+    stays = plan[["stay_id", "subject_id", "split", "in_mortality_task"]].assign(
+        mortality=mortality.astype(np.int8), cxr_dicom_id=dicom,
+        cxr_hours=np.where(plan["paired"], plan["cxr_hours"], np.nan))
+    stays_path = tmp_path / "stays.parquet"
+    stays.to_parquet(stays_path)
+    # the EHR file lists stays in reverse order, so the loader must align them by stay_id
+    ehr = xr.Dataset({"values": (("stay", "hour", "feature"), values[::-1]),
+                      "mask": (("stay", "hour", "variable"), mask[::-1]),
+                      "length": (("stay",), plan["length"].to_numpy()[::-1])},
+                     coords={"stay_id": ("stay", plan["stay_id"].to_numpy()[::-1])})
+    ehr_path = tmp_path / "mortality.nc"
+    ehr.to_netcdf(ehr_path, engine="h5netcdf")
+    # cache rows in a shuffled order; pixel level 200 (bright) or 40 (dark) plus noise
+    paired = plan.loc[plan["paired"], "i"].to_numpy()
+    rows = rng.permutation(paired.size)
+    images = np.zeros((paired.size, IMAGE, IMAGE), dtype=np.uint8)
+    level = np.where(bright[paired], 200, 40)
+    images[rows] = (level[:, None, None] + rng.integers(-20, 21, size=(paired.size, IMAGE, IMAGE))).astype(np.uint8)
+    status = np.where(paired == CORRUPT_STAY, "corrupt", "ok")
+    index = pd.DataFrame({"dicom_id": [f"img{i}" for i in paired], "row": np.where(status == "ok", rows, -1),
+                          "status": status})
+    images_path, index_path = tmp_path / "images.npy", tmp_path / "index.parquet"
+    np.save(images_path, images)
+    index.to_parquet(index_path)
+    return {"stays": str(stays_path), "ehr": str(ehr_path), "cxr_index": str(index_path),
+            "cxr_images": str(images_path), "values": values, "images": images, "row_of": dict(zip(paired, rows)),
+            "mortality": mortality}
+
+
+def load(files: dict, missing: str = "natural", seed: int = 1, with_cxr: bool = True, images: bool = True):
+    return load_cell_data(files["stays"], files["ehr"], "mortality", missing, seed,
+                          cxr_index_path=files["cxr_index"] if with_cxr else None,
+                          cxr_images_path=files["cxr_images"] if (with_cxr and images) else None)
+
+
+def test_natural_cell_sets_tensors_and_images(tmp_path):
+    files = write_cell_files(tmp_path)
+    data = load(files)
+    plan = stay_plan()
+    task = plan[plan["in_mortality_task"]]
+    expected = {"train": task[task["split"] == "train"], "val": task[task["split"] == "val"],
+                "paired_test": task[(task["split"] == "test") & task["usable"]],
+                "partial_test": task[task["split"] == "test"]}
+    assert data.labels == ["mortality"]
+    for name, frame in expected.items():
+        stay_set = data.splits[name]
+        assert stay_set.stay_id.tolist() == frame["stay_id"].tolist(), name
+        assert stay_set.has_cxr.tolist() == frame["usable"].astype(float).tolist(), name
+    assert data.ehr_features == N_VALUES + N_VARIABLES
+
+    train = data.splits["train"]
+    batch = train.collate([0, 1, 2, 3, 4])  # stays i = 0, 1, 2, 3, 4 (all train)
+    i = np.arange(5)
+    np.testing.assert_array_equal(batch.ehr[:, :, :N_VALUES].numpy(), files["values"][i])
+    assert batch.ehr_length.tolist() == [1, 2, 3, 4, 1]
+    # cxr_hours = max(length - hours_from_intime, 0); stays 1..3 paired at hours 1, 2, 3 -> 1, 1, 1
+    assert batch.cxr_hours.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    assert batch.has_cxr.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    row = files["row_of"][2]
+    np.testing.assert_allclose(batch.cxr[2, 0].numpy(), (files["images"][row] / 255.0 - 0.5) / 0.25, atol=1e-6)
+    assert batch.cxr.shape == (5, 1, IMAGE, IMAGE) and not batch.cxr[[0, 4]].any()
+    assert batch.labels[:, 0].tolist() == files["mortality"][i].astype(float).tolist()
+    # the corrupt image's stay (i = 5, train) has no CXR
+    position = train.stay_id.tolist().index(1000 + CORRUPT_STAY)
+    assert train.has_cxr[position] == 0 and train.cxr_row[position] == -1
+
+
+def test_missing_rate_withholds_train_val_cxrs_only(tmp_path):
+    files = write_cell_files(tmp_path)
+    plan = stay_plan()
+    usable = plan[plan["in_mortality_task"] & plan["usable"]]
+    fit_pool = usable[usable["split"].isin(["train", "val"])]
+    n_withheld = int(round(0.5 * len(fit_pool)))
+    data = load(files, "miss0.5", seed=3)
+    train, val = data.splits["train"], data.splits["val"]
+    assert train.stay_id.tolist() + val.stay_id.tolist() == (
+        fit_pool[fit_pool["split"] == "train"]["stay_id"].tolist() + fit_pool[fit_pool["split"] == "val"]["stay_id"].tolist())
+    withheld = len(fit_pool) - int(train.has_cxr.sum() + val.has_cxr.sum())
+    assert withheld == n_withheld
+    assert (train.cxr_row[train.has_cxr == 0] == -1).all() and (train.cxr_hours[train.has_cxr == 0] == 0).all()
+    assert data.splits["paired_test"].has_cxr.tolist() == [1.0] * len(usable[usable["split"] == "test"])
+    partial = data.splits["partial_test"]
+    assert partial.has_cxr.tolist() == plan[plan["in_mortality_task"] & (plan["split"] == "test")]["usable"].astype(float).tolist()
+    again = load(files, "miss0.5", seed=3).splits["train"].has_cxr
+    other = load(files, "miss0.5", seed=4).splits["train"].has_cxr
+    assert torch.equal(again, train.has_cxr) and not torch.equal(other, train.has_cxr)
+    assert int(load(files, "miss0.0").splits["train"].has_cxr.sum()) == (fit_pool["split"] == "train").sum()
+    assert int(load(files, "miss1").splits["val"].has_cxr.sum()) == 0
+    with pytest.raises(ValueError, match="miss<r>"):
+        load(files, "miss1.5")
+
+
+def test_without_cxr_data_every_stay_is_unpaired(tmp_path):
+    files = write_cell_files(tmp_path)
+    data = load(files, with_cxr=False)
+    assert len(data.splits["paired_test"]) == 0
+    assert all(int(s.has_cxr.sum()) == 0 for s in data.splits.values())
+    assert data.splits["train"].collate([0, 1]).cxr.shape == (2, 1, 1, 1)
+
+
+def _fit_tiny(files, out_dir, *, missing="natural", with_cxr=False, **overrides):
+    data = load(files, missing, with_cxr=with_cxr)
+    seed_everything(1)
+    model = create_model("tiny_test_model", n_labels=1, ehr_features=data.ehr_features,
+                         cxr={} if with_cxr else None)
+    params = {**TRAIN, **overrides}
+    device = params.pop("device")
+    return model, data, fit(model, data, out_dir, seed=1, device=device, **params)
+
+
+def test_trainer_learns_ehr_and_image_signals(tmp_path):
+    (tmp_path / "ehr_data").mkdir()
+    files = write_cell_files(tmp_path / "ehr_data")
+    model, data, result = _fit_tiny(files, tmp_path / "ehr_run")
+    assert result.best_val_auprc > 0.9
+    history = pd.read_csv(tmp_path / "ehr_run" / "history.csv")
+    assert history.columns.tolist() == ["epoch", "train_loss", "val_loss", "val_auprc", "val_auroc", "seconds"]
+    assert result.best_epoch == history["epoch"][history["val_auprc"].idxmax()]
+    # the selected model is the best validation epoch: its val AUPRC is reproduced by predict
+    val = data.splits["val"]
+    assert average_precision_score(val.labels[:, 0], predict(model, val, 64, "cpu")[:, 0]) == pytest.approx(
+        history["val_auprc"].max())
+
+    (tmp_path / "cxr_data").mkdir()
+    image_files = write_cell_files(tmp_path / "cxr_data", label_from="image")
+    _, _, image_result = _fit_tiny(image_files, tmp_path / "cxr_run", missing="miss0.0", with_cxr=True)
+    assert image_result.best_val_auprc > 0.9
+
+
+def test_early_stopping_after_patience_epochs_without_gain(tmp_path):
+    files = write_cell_files(tmp_path)
+    _, _, result = _fit_tiny(files, tmp_path / "run", lr=0.0, patience=2, epochs=10)
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3] and result.stopped_early and result.best_epoch == 1
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    files = write_cell_files(tmp_path)
+    _fit_tiny(files, tmp_path / "resumed", epochs=2)
+    resumed_model, data, _ = _fit_tiny(files, tmp_path / "resumed", epochs=6)
+    straight_model, _, _ = _fit_tiny(files, tmp_path / "straight", epochs=6)
+    resumed = pd.read_csv(tmp_path / "resumed" / "history.csv").drop(columns="seconds")
+    straight = pd.read_csv(tmp_path / "straight" / "history.csv").drop(columns="seconds")
+    assert len(straight) == 6
+    pd.testing.assert_frame_equal(resumed, straight)
+    test = data.splits["partial_test"]
+    np.testing.assert_array_equal(predict(resumed_model, test, 64, "cpu"), predict(straight_model, test, 64, "cpu"))
+
+
+def _train_params(**overrides) -> dict:
+    return {**TRAIN, "epochs": 3, **overrides}
+
+
+def test_run_cell_outputs_and_determinism(tmp_path):
+    files = write_cell_files(tmp_path)
+    inputs = {key: files[key] for key in ("stays", "ehr", "cxr_index", "cxr_images")}
+    model_params = {"modalities": ["ehr", "cxr"], "params": {"dropout": 0.2}}
+    for name in ("a", "b"):
+        run_cell(inputs, tmp_path / name, "mortality", "tiny_test_model", "natural", 2, model_params,
+                 {"image_size": IMAGE}, _train_params())
+    for file in ("predictions.parquet", "metrics.json", "model.pt", "history.csv", "checkpoint.pt"):
+        assert (tmp_path / "a" / file).is_file(), file
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert first == json.loads((tmp_path / "b" / "metrics.json").read_text())
+
+    predictions = pd.read_parquet(tmp_path / "a" / "predictions.parquet")
+    assert predictions.columns.tolist() == ["stay_id", "eval_set", "has_cxr", "y_mortality", "p_mortality"]
+    assert predictions["p_mortality"].between(0, 1).all()
+    plan = stay_plan()
+    test = plan[plan["in_mortality_task"] & (plan["split"] == "test")]
+    paired = predictions[predictions["eval_set"] == "paired_test"]
+    assert paired["stay_id"].tolist() == test.loc[test["usable"], "stay_id"].tolist()
+    assert (predictions["eval_set"] == "partial_test").sum() == len(test)
+    assert first["n_stays"]["paired_test"] == test["usable"].sum() and first["n_stays"]["partial_test"] == len(test)
+    for eval_set in ("paired_test", "partial_test"):
+        part = predictions[predictions["eval_set"] == eval_set]
+        assert first["metrics"][eval_set]["auroc"] == pytest.approx(roc_auc_score(part["y_mortality"], part["p_mortality"]))
+        assert first["metrics"][eval_set]["auprc"] == pytest.approx(
+            average_precision_score(part["y_mortality"], part["p_mortality"]))
+    history = pd.read_csv(tmp_path / "a" / "history.csv")
+    assert first["best_epoch"] == history["epoch"][history["val_auprc"].idxmax()]
+
+
+def test_real_models_and_frozen_prefix_features(tmp_path, caplog):
+    files = write_cell_files(tmp_path)
+    inputs = {key: files[key] for key in ("stays", "ehr", "cxr_index", "cxr_images")}
+    run_cell(inputs, tmp_path / "lstm", "mortality", "ehr_lstm", "natural", 1,
+             {"modalities": ["ehr"], "params": {"hidden": 8}}, {}, _train_params(epochs=2))
+    assert len(pd.read_csv(tmp_path / "lstm" / "history.csv")) == 2
+    cxr = {"depth": 18, "weights": None, "frozen_stages": 2, "image_size": IMAGE}
+    with caplog.at_level(logging.INFO, logger="ehrcxr"):
+        run_cell(inputs, tmp_path / "fusion", "mortality", "late_fusion", "natural", 1,
+                 {"modalities": ["ehr", "cxr"], "params": {"hidden": 8, "heads": 2}}, cxr, _train_params(epochs=1))
+    assert "frozen CXR prefix" in caplog.text
+    predictions = pd.read_parquet(tmp_path / "fusion" / "predictions.parquet")
+    assert predictions["p_mortality"].between(0, 1).all() and len(predictions) > 0
+
+    # serving precomputed prefix features gives the same predictions as running the prefix on images
+    data = load(files)
+    seed_everything(0)
+    model = create_model("late_fusion", n_labels=1, ehr_features=data.ehr_features, cxr=cxr, hidden=8, heads=2)
+    from_images = predict(model, data.splits["paired_test"], 64, "cpu")
+    assert precompute_cxr_features(model, data, torch.device("cpu"), 32, logging.getLogger("test")) > 0
+    assert data.splits["paired_test"].collate([0]).cxr.shape[1:] == (128, 2, 2)  # layer2 output of a 16 px image
+    np.testing.assert_allclose(predict(model, data.splits["paired_test"], 64, "cpu"), from_images, rtol=1e-5, atol=1e-6)
+
+
+def test_pretrain_uses_train_subjects_and_saves_a_loadable_backbone(tmp_path):
+    files = write_cell_files(tmp_path)
+    plan = stay_plan()
+    paired = plan[plan["paired"]]
+    rng = np.random.default_rng(3)
+    raw = rng.choice(np.array([1.0, 0.0, -1.0, np.nan]), size=(len(paired), len(CHEXPERT_LABELS)))
+    studies = pd.DataFrame(raw, columns=CHEXPERT_LABELS).assign(
+        stay_id=paired["stay_id"].to_numpy(), subject_id=paired["subject_id"].to_numpy(),
+        dicom_id=[f"img{i}" for i in paired["i"]], view_position="AP")
+    lateral = studies.iloc[:3].assign(dicom_id=["lat0", "lat1", "lat2"], view_position="LATERAL")
+    studies_path = tmp_path / "cxr_studies.parquet"
+    pd.concat([studies, lateral]).to_parquet(studies_path)
+
+    table = chexpert_image_labels(pd.read_parquet(studies_path), pd.read_parquet(files["stays"]),
+                                  pd.read_parquet(files["cxr_index"]))
+    usable = paired[paired["usable"]].assign(dicom_id=lambda f: "img" + f["i"].astype(str)).sort_values("dicom_id")
+    assert table["dicom_id"].tolist() == usable["dicom_id"].tolist()
+    assert table["split"].tolist() == usable["split"].tolist()
+    expected_targets = (raw[paired["usable"].to_numpy()] == 1).astype(np.float32)
+    by_dicom = pd.DataFrame(expected_targets, index=paired.loc[paired["usable"], "i"].map(lambda i: f"img{i}"))
+    np.testing.assert_array_equal(table[CHEXPERT_LABELS].to_numpy(), by_dicom.loc[table["dicom_id"]].to_numpy())
+
+    out, history_path = tmp_path / "encoder.pt", tmp_path / "pretrain_history.csv"
+    summary = pretrain_cxr(studies_path, files["stays"], files["cxr_images"], files["cxr_index"], out, history_path,
+                           depth=18, weights=None, epochs=2, batch_size=16, lr=1e-3, weight_decay=0.0, seed=0,
+                           device="cpu")
+    history = pd.read_csv(history_path)
+    assert history["epoch"].tolist() == [1, 2]
+    assert summary["best_epoch"] == history["epoch"][history["val_auroc"].idxmax()]
+    assert summary["n_train"] == (usable["split"] == "train").sum() and summary["n_val"] == (usable["split"] == "val").sum()
+    backbone = CXRBackbone(18, None, frozen_stages=2)
+    backbone.load_pretrained(out)
+    saved = torch.load(out, weights_only=True)
+    torch.testing.assert_close(backbone.backbone_state_dict()["layer1.0.conv1.weight"], saved["layer1.0.conv1.weight"])
