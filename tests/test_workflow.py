@@ -42,7 +42,7 @@ def workdir(tmp_path_factory) -> Path:
 
 def test_single_target_builds_only_its_ancestors(workdir):
     target = "results/synthetic/runs/mortality/ehr_lstm/natural/seed1/metrics.json"
-    result = snakemake(workdir, "--dry-run", "--quiet", "rules", target)
+    result = snakemake(workdir, target, "--dry-run", "--quiet", "rules")
     assert result.returncode == 0, result.stderr
     rules = {line.split()[0] for line in result.stdout.splitlines() if line and line.split()[0] in
              {"synthesize", "cohort", "ehr_tensor", "cxr_cache", "pretrain_cxr", "train", "aggregate"}}
@@ -62,7 +62,9 @@ def test_whole_grid_runs_to_the_tables(workdir):
     assert {tuple(row) for row in macro[macro["model"] != "oracle"][["task", "model", "missing"]].values} == cells
     assert set(macro["eval_set"]) == {"paired_test", "partial_test"}
     assert set(table.loc[table["model"] == "oracle", "task"]) == set(config["tasks"])
-    assert ((macro["ci_low"] <= macro["estimate"]) & (macro["estimate"] <= macro["ci_high"])).all()
+    # percentile intervals need not contain the estimate (AUPRC is biased upward under resampling)
+    assert ((0 <= macro["ci_low"]) & (macro["ci_low"] <= macro["ci_high"]) & (macro["ci_high"] <= 1)).all()
+    assert macro["estimate"].between(0, 1).all()
     assert "stay_id" not in table.columns
     metrics = json.loads((workdir / "results/synthetic/runs/phenotyping/drfuse/miss0.5/seed1/metrics.json").read_text())
     assert metrics["task"] == "phenotyping" and len(metrics["labels"]) == 25
