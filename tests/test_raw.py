@@ -129,3 +129,16 @@ def test_cxr_image_relpath_follows_official_layout() -> None:
     assert paths.tolist() == [
         "files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg",
         "files/p19/p19999987/s58971208/abc.jpg"]
+
+
+def test_text_values_like_none_are_data_not_missing(tmp_path: Path) -> None:
+    # MIMIC-IV writes GCS eye opening 'None' (score 1) as text; only an empty field is missing
+    path = tmp_path / "icu"
+    path.mkdir()
+    pd.DataFrame({"subject_id": [1, 1], "hadm_id": [2, 2], "stay_id": [3, 3], "caregiver_id": ["", ""],
+                  "charttime": ["2150-01-01 10:00:00"] * 2, "storetime": ["", ""], "itemid": [220739, 220739],
+                  "value": ["None", ""], "valuenum": [1.0, None], "valueuom": ["", ""], "warning": ["", ""]}
+                 ).to_csv(path / "chartevents.csv.gz", index=False)
+    events = raw.read_table(tmp_path, "chartevents", ["stay_id", "value", "valuenum"])
+    assert events["value"].iloc[0] == "None"
+    assert pd.isna(events["value"].iloc[1]) and pd.isna(events["valuenum"].iloc[1])

@@ -16,6 +16,10 @@ from ehrcxr.resources import CHEXPERT_LABELS
 log = logging.getLogger("ehrcxr.raw")
 
 
+# Only an empty field is missing: MIMIC text values such as GCS eye opening 'None' or 'NA' are data.
+NA_ONLY_EMPTY = {"keep_default_na": False, "na_values": [""]}
+
+
 class RawDataError(ValueError):
     """A raw input file is missing, lacks a column or holds a value that cannot be parsed."""
 
@@ -141,7 +145,7 @@ def read_table(root: str | Path, name: str, columns: Iterable[str] | None = None
     if missing:
         raise RawDataError(f"{path}: missing column(s) {', '.join(missing)}")
     try:
-        frame = pd.read_csv(path, usecols=columns, dtype=_dtypes(spec, columns))
+        frame = pd.read_csv(path, usecols=columns, dtype=_dtypes(spec, columns), **NA_ONLY_EMPTY)
     except (ValueError, TypeError) as error:
         raise RawDataError(f"{path}: {_which_column(path, columns, spec)}: {error}") from error
     except Exception as error:  # EOFError/zlib.error/BadGzipFile from a truncated file
@@ -160,7 +164,8 @@ def iter_table(root: str | Path, name: str, columns: Iterable[str], chunksize: i
         raise RawDataError(f"{path}: missing column(s) {', '.join(missing)}")
     offset = 0
     try:
-        for chunk in pd.read_csv(path, usecols=columns, dtype=_dtypes(spec, columns), chunksize=chunksize):
+        for chunk in pd.read_csv(path, usecols=columns, dtype=_dtypes(spec, columns), chunksize=chunksize,
+                                 **NA_ONLY_EMPTY):
             yield _convert(chunk, spec, path, offset)
             offset += len(chunk)
     except RawDataError:
@@ -173,7 +178,7 @@ def iter_table(root: str | Path, name: str, columns: Iterable[str], chunksize: i
 
 def _which_column(path: Path, columns: list[str], spec: TableSpec) -> str:
     """Find the column whose values do not fit the expected dtype (re-reads as text; only on error)."""
-    text = pd.read_csv(path, usecols=columns, dtype=str)
+    text = pd.read_csv(path, usecols=columns, dtype=str, **NA_ONLY_EMPTY)
     for column in columns:
         dtype = spec.dtypes.get(column)
         if dtype in ("int64", "Int64", "float64"):
