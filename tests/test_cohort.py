@@ -234,6 +234,15 @@ def test_missing_files_and_columns_are_reported_together(editable) -> None:
     assert "admissions.csv.gz: missing column(s) race" in str(error.value)
 
 
+def test_workflow_entry_checks_event_tables_before_any_work(editable, tmp_path) -> None:
+    iv_root, cxr_root = editable
+    write_tables(iv_root, {"icu/chartevents": mimic_iv_tables()["icu/chartevents"].drop(columns=["valuenum"])})
+    out_stays = tmp_path / "out" / "stays.parquet"
+    with pytest.raises(raw.RawDataError, match=r"chartevents.csv.gz: missing column\(s\) valuenum"):
+        run_cohort(iv_root, cxr_root, out_stays, tmp_path / "out" / "cxr_studies.parquet", {})
+    assert not out_stays.exists()
+
+
 def test_missing_cxr_file_and_column(editable) -> None:
     iv_root, cxr_root = editable
     (cxr_root / "mimic-cxr-2.0.0-chexpert.csv.gz").unlink()

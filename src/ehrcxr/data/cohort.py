@@ -271,7 +271,12 @@ def write_cohort(stays: pd.DataFrame, cxr_studies: pd.DataFrame, stays_path: str
 
 def run_cohort(mimic_iv_root: str | Path, mimic_cxr_root: str | Path | None, out_stays: str | Path,
                out_cxr_studies: str | Path, params: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Build and write the cohort from the ``cohort:`` section of config.yaml; logs counts per rule and split."""
+    """Build and write the cohort from the ``cohort:`` section of config.yaml; logs counts per rule and split.
+
+    As the workflow's first stage on the raw files it checks every MIMIC-IV table the workflow reads
+    (events included), so a missing file or column fails in seconds, not after hours of work.
+    """
+    raw.check_mimic_iv(mimic_iv_root)
     split = params.get("split", {})
     stays, cxr_studies = build_cohort(
         mimic_iv_root, mimic_cxr_root or None,
