@@ -50,6 +50,21 @@ def test_single_target_builds_only_its_ancestors(workdir):
     assert rules == {"synthesize", "cohort", "ehr_tensor", "cxr_cache", "train"}
 
 
+def test_lint_is_clean(workdir):
+    result = snakemake(workdir, "--lint")
+    assert result.returncode == 0 and "Congratulations" in result.stdout + result.stderr, result.stdout
+
+
+def test_config_is_validated_against_the_schema(tmp_path):
+    config = tiny_config()
+    config["missing"] = ["natural", "drop50"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "--dry-run")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Error validating config file" in output and "'drop50' does not match" in output
+
+
 def test_whole_grid_runs_to_the_tables(workdir):
     result = snakemake(workdir)
     assert result.returncode == 0, result.stderr[-5000:]
