@@ -338,11 +338,16 @@ def test_signal_map_file(dataset):
     signal = json.loads((root / "signal_map.json").read_text())
     assert set(signal) == {*phenotype_labels(), "mortality", "mortality_description"}
     by_kind = {kind: {k for k, v in signal.items() if v == kind} for kind in ("cxr", "ehr", "both")}
-    assert by_kind["cxr"] == {"ph_pleurisy_pneumothorax", "ph_pneumonia", "ph_other_lower_respiratory"}
+    assert by_kind["cxr"] == {"ph_pleurisy_pneumothorax", "ph_pneumonia", "ph_other_lower_respiratory", "ph_copd"}
     assert by_kind["ehr"] == {"ph_diabetes_complicated", "ph_diabetes_uncomplicated", "ph_fluid_electrolyte",
-                              "ph_acute_cerebrovascular"}
-    assert by_kind["both"] == {"ph_chf", "ph_respiratory_failure", "ph_septicemia", "ph_shock", "mortality"}
-    assert signal["ph_lipid_disorders"] == "weak" and "edema" in signal["mortality_description"]
+                              "ph_acute_cerebrovascular", "ph_cardiac_dysrhythmias", "ph_conduction_disorders",
+                              "ph_gi_hemorrhage"}
+    assert by_kind["both"] == {"ph_chf", "ph_respiratory_failure", "ph_septicemia", "ph_shock", "ph_acute_mi",
+                               "mortality"}
+    weak = {k for k, v in signal.items() if v == "weak"}
+    assert {"ph_lipid_disorders", "ph_essential_hypertension", "ph_coronary_atherosclerosis", "ph_ckd"} <= weak
+    assert len(weak) < len(phenotype_labels()) / 2
+    assert "edema" in signal["mortality_description"] and "frailty" in signal["mortality_description"]
 
 
 def _per_stay_mean(root: Path, chart_items: list[int], lab_items: list[int]) -> pd.Series:
@@ -367,6 +372,22 @@ def test_ehr_signals_are_planted(large):
     heart_rate = heart_rate[heart_rate < 300]
     pneumonia = labels.loc[heart_rate.index, "ph_pneumonia"] == 1
     assert mannwhitneyu(heart_rate[pneumonia], heart_rate[~pneumonia]).pvalue > 1e-3
+    # Dysrhythmias: heart rate jumps from one reading to the next; conduction disorders: lower minimum.
+    chart = pd.read_csv(large / "mimic-iv/icu/chartevents.csv.gz", usecols=["stay_id", "charttime", "itemid",
+                                                                             "valuenum"])
+    hr = chart[(chart["itemid"] == 220045) & chart["valuenum"].between(1, 300)].sort_values(["stay_id", "charttime"])
+    jumps = hr.assign(jump=hr.groupby("stay_id")["valuenum"].diff().abs()).groupby("stay_id")["jump"].median()
+    jumps = jumps.dropna()
+    dysrhythmia = labels.loc[jumps.index, "ph_cardiac_dysrhythmias"] == 1
+    assert jumps[dysrhythmia].mean() > jumps[~dysrhythmia].mean() + 2
+    assert mannwhitneyu(jumps[dysrhythmia], jumps[~dysrhythmia], alternative="greater").pvalue < 1e-6
+    lowest = hr.groupby("stay_id")["valuenum"].min()
+    conduction = labels.loc[lowest.index, "ph_conduction_disorders"] == 1
+    assert mannwhitneyu(lowest[conduction], lowest[~conduction], alternative="less").pvalue < 1e-6
+    # GI haemorrhage lowers systolic blood pressure.
+    systolic = _per_stay_mean(large, [220050, 220179], [])
+    bleeding = labels.loc[systolic.index, "ph_gi_hemorrhage"] == 1
+    assert mannwhitneyu(systolic[bleeding], systolic[~bleeding], alternative="less").pvalue < 1e-4
     # Pulse oximetry reads high in Black patients; arterial saturation does not.
     stays = pd.read_csv(large / "mimic-iv/icu/icustays.csv.gz").merge(
         pd.read_csv(large / "mimic-iv/hosp/admissions.csv.gz", usecols=["hadm_id", "race"]), on="hadm_id")
@@ -390,6 +411,19 @@ def _outer_minus_inner(image: np.ndarray) -> float:
     return min(left, right)
 
 
+def _lung_field_brightness(image: np.ndarray) -> float:
+    """Mean intensity of the middle of both lung fields relative to the chest wall beside them (hyperinflated
+    lungs are darker; the ratio cancels the per-image exposure)."""
+    size = image.shape[0]
+    rows = slice(int(0.3 * size), int(0.55 * size))
+
+    def both_sides(c0: float, c1: float) -> float:
+        return float(np.r_[image[rows, int(c0 * size):int(c1 * size)].ravel(),
+                           image[rows, size - int(c1 * size):size - int(c0 * size)].ravel()].mean())
+
+    return both_sides(0.22, 0.38) / (both_sides(0.08, 0.13) + 1e-3)
+
+
 def test_cxr_signal_is_planted(large):
     meta = raw.read_table(large / "mimic-cxr-jpg", "metadata", specs=raw.CXR_TABLES)
     meta["time"] = raw.cxr_study_datetime(meta["StudyDate"], meta["StudyTime"])
@@ -398,16 +432,22 @@ def test_cxr_signal_is_planted(large):
     frontal = frontal[(frontal["time"] >= frontal["intime"]) & (frontal["time"] <= frontal["outtime"])]
     frontal = frontal.drop_duplicates("dicom_id")
     paths = raw.cxr_image_relpath(frontal["subject_id"], frontal["study_id"], frontal["dicom_id"])
-    statistic = np.array([_outer_minus_inner(np.asarray(Image.open(large / "mimic-cxr-jpg" / p), dtype=float) / 255)
-                          for p in paths])
+    images = [np.asarray(Image.open(large / "mimic-cxr-jpg" / p), dtype=float) / 255 for p in paths]
+    statistic = np.array([_outer_minus_inner(image) for image in images])
+    brightness = np.array([_lung_field_brightness(image) for image in images])
     labels = stay_labels(large).set_index("stay_id")
     pleurisy = labels.loc[frontal["stay_id"], "ph_pleurisy_pneumothorax"].to_numpy() == 1
     diabetes = labels.loc[frontal["stay_id"], "ph_diabetes_uncomplicated"].to_numpy() == 1
     assert pleurisy.sum() >= 30
     assert statistic[pleurisy].mean() < statistic[~pleurisy].mean() - 0.02
     assert mannwhitneyu(statistic[pleurisy], statistic[~pleurisy], alternative="less").pvalue < 1e-3
+    # COPD: darker (hyperinflated) lung fields.
+    copd = labels.loc[frontal["stay_id"], "ph_copd"].to_numpy() == 1
+    assert copd.sum() >= 30
+    assert mannwhitneyu(brightness[copd], brightness[~copd], alternative="less").pvalue < 1e-3
     # An EHR-only phenotype does not change the images.
     assert mannwhitneyu(statistic[diabetes], statistic[~diabetes]).pvalue > 1e-3
+    assert mannwhitneyu(brightness[diabetes], brightness[~diabetes]).pvalue > 1e-3
 
 
 def test_bad_arguments_are_rejected(tmp_path):

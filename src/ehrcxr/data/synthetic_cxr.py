@@ -1,10 +1,12 @@
 """Synthetic MIMIC-CXR-JPG: studies at realistic times, images rendered from the latent state, CheXpert labels.
 
-Each image shows the state at its own acquisition time: heart width and perihilar edema (CHF),
-focal consolidation (pneumonia), lower-zone patchy opacities (other lower respiratory), diffuse
-opacities (respiratory failure), a basal effusion and an apical/lateral rim without lung markings
-(pleurisy/pneumothorax), devices (ET tube when ventilated, right jugular central line with shock,
-left PICC with sepsis) and now and then a nodule; position, contrast and noise vary.
+Each image shows the state at its own acquisition time: heart width (CHF up, shock down) and
+perihilar edema (CHF, acute MI), focal consolidation (pneumonia), lower-zone patchy opacities
+(other lower respiratory), diffuse opacities (respiratory failure), a basal effusion and an
+apical/lateral rim without lung markings (pleurisy/pneumothorax), hyperinflation (COPD: taller,
+darker lung fields reaching a low diaphragm), thin chest-wall soft tissue (frailty, a mortality
+factor), devices (ET tube when ventilated, right jugular central line with shock, left PICC with
+sepsis) and now and then a nodule; position, contrast and noise vary.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ IMAGES_PER_STUDY = np.array([1, 2, 2, 1])
 
 # Per-image inputs of the renderer: finding strengths (0-1 or heart half-width) and lesion anatomy.
 FINDINGS = ["heart_width", "edema", "consolidation", "lower_opacity", "diffuse_opacity", "effusion",
-            "pneumothorax", "et_tube", "central_line", "swan_ganz", "picc", "nodule", "lung_height", "lesion_side",
+            "pneumothorax", "et_tube", "central_line", "swan_ganz", "picc", "nodule", "hyperinflation", "frailty",
+            "lesion_side",
             "lesion_dx", "consolidation_y", "nodule_x", "nodule_y"]
 
 
@@ -105,14 +108,17 @@ def render_images(f: dict[str, np.ndarray], lateral: np.ndarray, size: int, rng:
         return f[name].astype(np.float32)[:, None, None]
 
     frontal = ~lateral[:, None, None]
-    height = col("lung_height")
+    inflation = col("hyperinflation")
+    height = 1.0 + 0.2 * inflation  # hyperinflated lungs reach a lower, flatter diaphragm
     side = col("lesion_side")       # +1/-1: image side of the consolidation / pneumothorax / effusion
     heart_w = col("heart_width")
 
     # Frontal geometry.
-    body_f = _soft(1 - _ellipse(x, y, 0, 0.1, 0.9, 1.1), 12)
-    r_left = _ellipse(x, y, -0.36, -0.05, 0.25, 0.6 * height)
-    r_right = _ellipse(x, y, 0.36, -0.05, 0.25, 0.6 * height)
+    frail = col("frailty")  # thin chest-wall soft tissue: narrower, fainter body outline
+    body_f = _soft(1 - _ellipse(x, y, 0, 0.1, 0.9 - 0.08 * frail, 1.1), 12)
+    lung_y = -0.05 + 0.3 * (height - 1.0)
+    r_left = _ellipse(x, y, -0.36, lung_y, 0.25, 0.6 * height)
+    r_right = _ellipse(x, y, 0.36, lung_y, 0.25, 0.6 * height)
     lung_left, lung_right = _soft(1 - r_left, 10), _soft(1 - r_right, 10)
     lungs_f = np.maximum(lung_left, lung_right)
     r_side = np.where(side > 0, r_right, r_left)
@@ -120,7 +126,7 @@ def render_images(f: dict[str, np.ndarray], lateral: np.ndarray, size: int, rng:
     heart_f = _soft(1 - _ellipse(x, y, 0.07, 0.32, heart_w, 0.24), 10)
     mediastinum = _soft(0.11 - np.abs(x), 40) * _soft(0.15 - y, 20) * _soft(y + 0.75, 20)
     # Lateral geometry.
-    body_l = _soft(1 - _ellipse(x, y, 0, 0.05, 0.85, 1.05), 12)
+    body_l = _soft(1 - _ellipse(x, y, 0, 0.05, 0.85 - 0.08 * frail, 1.05), 12)
     lungs_l = _soft(1 - _ellipse(x, y, 0.05, -0.05, 0.55, 0.62 * height), 8)
     heart_l = _soft(1 - _ellipse(x, y, -0.28, 0.3, 1.3 * heart_w, 0.26), 10)
     spine_l = _soft(0.08 - np.abs(x - 0.58), 40) * (0.8 + 0.2 * np.sin(y * 30))
@@ -128,9 +134,9 @@ def render_images(f: dict[str, np.ndarray], lateral: np.ndarray, size: int, rng:
     body = np.where(frontal, body_f, body_l)
     lungs = np.where(frontal, lungs_f, lungs_l)
     heart = np.where(frontal, heart_f, heart_l)
-    image = 0.06 + 0.36 * body + np.where(frontal, 0.22 * mediastinum + 0.08 * _soft(0.05 - np.abs(x), 60),
+    image = 0.06 + (0.36 - 0.05 * frail) * body + np.where(frontal, 0.22 * mediastinum + 0.08 * _soft(0.05 - np.abs(x), 60),
                                           0.25 * spine_l)
-    image = image - 0.24 * lungs
+    image = image - (0.24 + 0.1 * inflation) * lungs
 
     # Pneumothorax: an apical/lateral rim of one lung without markings, bounded by a thin pleural line.
     ptx = col("pneumothorax")
@@ -139,7 +145,7 @@ def render_images(f: dict[str, np.ndarray], lateral: np.ndarray, size: int, rng:
     rim = _soft(r_side - edge, 30) * lung_side * upper
     pleural_line = np.exp(-((r_side - edge) / 0.04) ** 2) * lung_side * upper
     image = image + lungs * (0.07 * fine * (1 - rim) * (1.2 - 0.5 * np.minimum(r_side, 1)))
-    image = image - 0.2 * rim + 0.1 * pleural_line
+    image = image - 0.3 * rim + 0.12 * pleural_line
 
     # Heart over the lungs; edema haze around the hila.
     image = image * (1 - 0.9 * heart) + 0.56 * heart
@@ -147,17 +153,17 @@ def render_images(f: dict[str, np.ndarray], lateral: np.ndarray, size: int, rng:
                     np.exp(-((x / 0.3) ** 2 + (y / 0.3) ** 2)))
     image = image + 0.3 * col("edema") * hila * lungs
     # Opacities: lower-zone patches, diffuse bilateral, focal consolidation.
-    image = image + 0.28 * col("lower_opacity") * coarse * _soft(y - 0.05, 8) * lungs
+    image = image + 0.42 * col("lower_opacity") * coarse * _soft(y - 0.05, 8) * lungs
     image = image + 0.22 * col("diffuse_opacity") * coarse2 * lungs
     cx = np.where(frontal, side * 0.36, side * 0.15) + col("lesion_dx")
     cy = col("consolidation_y")
-    image = image + 0.55 * col("consolidation") * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / 0.025) * lungs
+    image = image + 0.75 * col("consolidation") * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / 0.06) * lungs
     # Effusion: fluid at the base of one lung (posterior base on the lateral) with a meniscus.
     effusion = col("effusion")
     level = 0.58 - 0.45 * effusion
     meniscus_f = _soft(y - (level - 0.18 * effusion * np.clip((x * side - 0.1) / 0.45, 0, 1)), 25) * lung_side
     meniscus_l = _soft(y - level, 25) * _soft(x - 0.05, 10) * lungs_l
-    image = image + 0.4 * effusion * np.where(frontal, meniscus_f, meniscus_l)
+    image = image + 0.45 * effusion * np.where(frontal, meniscus_f, meniscus_l)
     # Nodule.
     image = image + 0.3 * col("nodule") * np.exp(-((x - col("nodule_x")) ** 2 + (y - col("nodule_y")) ** 2) / 0.0025)
     # Devices.
@@ -235,6 +241,7 @@ def study_findings(cohort: Cohort, physiology: Physiology, studies: pd.DataFrame
     t = stays["offset_hours"].to_numpy()[s] + studies["hours"].to_numpy()
     m = len(s)
     chf = state.cxr_facet("ph_chf", adm, t)
+    acute_mi = state.cxr_facet("ph_acute_mi", adm, t)
     pleura = state.cxr_facet("ph_pleurisy_pneumothorax", adm, t)
     shock = state.cxr_facet("ph_shock", adm, t)
     # Per-admission anatomy of lesions: the same side, lobe and nodule place at every study.
@@ -245,19 +252,21 @@ def study_findings(cohort: Cohort, physiology: Physiology, studies: pd.DataFrame
     nodule_x = (rng.choice([-1.0, 1.0], n_adm) * rng.uniform(0.25, 0.45, n_adm))[adm]
     nodule_y = rng.uniform(-0.45, 0.25, n_adm)[adm]
     f = {
-        "heart_width": 0.23 + 0.04 * np.clip(chf, -2.5, 3.0) + rng.normal(0, 0.008, m),
-        "edema": st.edema_level(chf),
+        "heart_width": (0.23 + 0.06 * np.clip(chf, -2.0, 3.0) - 0.03 * np.clip(shock, -2.0, 3.0)
+                        + rng.normal(0, 0.006, m)),
+        "edema": st.edema_level(chf, acute_mi),
         "consolidation": st.sigmoid(2.5 * (state.cxr_facet("ph_pneumonia", adm, t) - 0.5)),
         "lower_opacity": st.sigmoid(2.2 * (state.cxr_facet("ph_other_lower_respiratory", adm, t) - 0.4)),
         "diffuse_opacity": st.sigmoid(2.2 * (state.cxr_facet("ph_respiratory_failure", adm, t) - 0.5)),
         "effusion": np.maximum(0.7 * st.sigmoid(3.0 * (pleura - 0.8)), 0.6 * st.sigmoid(2.5 * (chf - 1.3))),
         "pneumothorax": st.sigmoid(3.0 * (pleura - 0.8)),
         "et_tube": physiology.ventilated(s, studies["hours"].to_numpy()).astype(float),
-        "central_line": (shock + rng.normal(0, 0.25, m) > 0.3).astype(float),
+        "central_line": (shock + rng.normal(0, 0.15, m) > 0.3).astype(float),
         "swan_ganz": (shock + rng.normal(0, 0.25, m) > 1.2).astype(float),
-        "picc": (state.cxr_facet("ph_septicemia", adm, t) + rng.normal(0, 0.3, m) > 0.4).astype(float),
+        "picc": (state.cxr_facet("ph_septicemia", adm, t) + rng.normal(0, 0.1, m) > 0.4).astype(float),
         "nodule": lesion.astype(float),
-        "lung_height": 1.0 + 0.012 * np.clip(state.total("ph_copd", adm, t), -2, 3),
+        "hyperinflation": st.sigmoid(2.0 * (state.cxr_facet("ph_copd", adm, t) - 0.5)),
+        "frailty": np.clip(state.frailty[adm], -2.5, 2.5),
         "lesion_side": side,
         "lesion_dx": rng.normal(0, 0.04, m),
         "consolidation_y": consolidation_y,

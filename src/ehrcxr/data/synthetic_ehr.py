@@ -98,7 +98,7 @@ class Physiology:
         self.male = (self.cohort.subjects["gender"].to_numpy() == "M")[subject_row]
         self.age = admissions["age"].to_numpy()[self.admission]
         draw = self.rng.normal
-        self.baseline = {"hr": draw(0, 6, n), "sbp": draw(0, 9, n), "rr": draw(0, 1.5, n), "spo2": draw(0, 0.8, n),
+        self.baseline = {"hr": draw(0, 4, n), "sbp": draw(0, 6, n), "rr": draw(0, 1.5, n), "spo2": draw(0, 0.8, n),
                          "temp": draw(0, 0.2, n), "glucose": draw(0, 6, n), "ph": draw(0, 0.01, n),
                          "vent": draw(0, 0.3, n), "o2": draw(0, 0.4, n), "neuro": draw(0, 0.2, n),
                          "weight": draw(0, 1, n), "height": draw(0, 1, n)}
@@ -122,22 +122,37 @@ class Physiology:
 
     def heart_rate(self, stay, hours):
         f = self.facet
-        value = (84 + 8 * f("ph_shock", stay, hours) + 7 * f("ph_septicemia", stay, hours)
-                 + 6 * f("ph_chf", stay, hours)
-                 + 1.5 * self.state.total("ph_cardiac_dysrhythmias", self.admission[stay], self.offset[stay] + hours)
-                 + 6 * self._acuity(stay) + self.baseline["hr"][stay] + self.noise(len(stay), 5))
+        n = len(stay)
+        irregular = 14.0 * sigmoid(2.0 * (f("ph_cardiac_dysrhythmias", stay, hours) - 0.5))
+        conduction = f("ph_conduction_disorders", stay, hours)
+        dropped_beats = self.rng.random(n) < 0.4 * sigmoid(2.5 * (conduction - 0.7))
+        value = (84 + 5 * f("ph_shock", stay, hours) + 4 * f("ph_septicemia", stay, hours)
+                 + 4 * f("ph_chf", stay, hours) + 3 * f("ph_cardiac_dysrhythmias", stay, hours)
+                 + 14 * f("ph_acute_mi", stay, hours) + 5 * f("ph_gi_hemorrhage", stay, hours)
+                 - 7 * conduction - 25 * dropped_beats
+                 + 8 * self._acuity(stay) + self.baseline["hr"][stay] + self.noise(n, 5)
+                 + irregular * self.rng.standard_normal(n))
         return np.clip(value, 30, 220)
 
     def systolic(self, stay, hours):
         f = self.facet
         adm = self.admission[stay]
         elapsed = np.clip(self.offset[stay] + hours, 0, 96) / 24.0
-        value = (121 - 10 * f("ph_shock", stay, hours) - 6 * f("ph_septicemia", stay, hours)
-                 + 7 * f("ph_chf", stay, hours)
-                 + 3 * self.state.total("ph_essential_hypertension", adm, self.offset[stay] + hours)
-                 + 0.25 * (self.age[stay] - 65) + 7 * self.state.bp_trend[adm] * elapsed
+        value = (121 - 14 * f("ph_shock", stay, hours) - 6 * f("ph_septicemia", stay, hours)
+                 + 13 * f("ph_chf", stay, hours) - 14 * f("ph_acute_mi", stay, hours)
+                 - 9 * f("ph_gi_hemorrhage", stay, hours)
+                 + 1.0 * self.state.total("ph_essential_hypertension", adm, self.offset[stay] + hours)
+                 + 0.15 * (self.age[stay] - 65) + 12 * self.state.bp_trend[adm] * elapsed
                  + self.baseline["sbp"][stay] + self.noise(len(stay), 7))
         return np.clip(value, 55, 230)
+
+    def diastolic(self, stay, hours, systolic):
+        """Diastolic BP: half the systolic, lower in shock, relatively kept up in GI bleeding (narrow pulse
+        pressure)."""
+        f = self.facet
+        value = (0.5 * systolic + 3 - 2 * f("ph_shock", stay, hours) + 4 * f("ph_gi_hemorrhage", stay, hours)
+                 + self.noise(len(stay), 4))
+        return np.clip(value, 25, 140)
 
     def ventilated(self, stay, hours):
         level = self.facet("ph_respiratory_failure", stay, hours) + 0.3 * self._acuity(stay)
@@ -169,18 +184,18 @@ class Physiology:
     def respiratory_rate(self, stay, hours):
         f = self.facet
         value = (17 + 3 * f("ph_respiratory_failure", stay, hours) + 1.5 * f("ph_septicemia", stay, hours)
-                 + 1.5 * self._acuity(stay) + self.baseline["rr"][stay] + self.noise(len(stay), 2.5))
+                 + 2.5 * np.maximum(0, f("ph_fluid_electrolyte", stay, hours)) + 4.0 * self._acuity(stay) + self.baseline["rr"][stay] + self.noise(len(stay), 2.5))
         return np.clip(value, 6, 45)
 
     def temperature_celsius(self, stay, hours):
-        value = (36.85 + 0.55 * self.facet("ph_septicemia", stay, hours) + 0.1 * self._acuity(stay)
+        value = (36.85 + 1.0 * self.facet("ph_septicemia", stay, hours) + 0.1 * self._acuity(stay)
                  + self.baseline["temp"][stay] + self.noise(len(stay), 0.25))
         return np.clip(value, 33.5, 41.5)
 
     def gcs(self, stay, hours):
         """(eye, verbal, motor) scores and whether the patient is intubated."""
         vent = self.ventilated(stay, hours)
-        neuro = (self.facet("ph_acute_cerebrovascular", stay, hours) + 0.35 * self._acuity(stay)
+        neuro = (self.facet("ph_acute_cerebrovascular", stay, hours) + 0.8 * self._acuity(stay)
                  + 0.6 * vent + self.baseline["neuro"][stay])
         n = len(stay)
         eye = 4 - np.digitize(neuro + self.noise(n, 0.25), [0.5, 1.1, 1.7])
@@ -190,16 +205,16 @@ class Physiology:
 
     def glucose(self, stay, hours):
         f = self.facet
-        value = (105 + 30 * softplus(f("ph_diabetes_uncomplicated", stay, hours))
-                 + 40 * softplus(f("ph_diabetes_complicated", stay, hours)) + 5 * self._acuity(stay))
+        value = (105 + 45 * softplus(f("ph_diabetes_uncomplicated", stay, hours))
+                 + 35 * softplus(f("ph_diabetes_complicated", stay, hours)) + 5 * self._acuity(stay))
         value = value * np.exp(self.noise(len(stay), 0.12)) + self.baseline["glucose"][stay]
         return np.clip(value, 40, 900)
 
     def ph(self, stay, hours):
         f = self.facet
-        value = (7.40 - 0.035 * f("ph_fluid_electrolyte", stay, hours)
-                 - 0.03 * np.maximum(0, f("ph_diabetes_complicated", stay, hours))
-                 - 0.025 * np.maximum(0, f("ph_shock", stay, hours)) + self.baseline["ph"][stay]
+        value = (7.40 - 0.08 * f("ph_fluid_electrolyte", stay, hours)
+                 - 0.05 * np.maximum(0, f("ph_diabetes_complicated", stay, hours))
+                 - 0.04 * np.maximum(0, f("ph_shock", stay, hours)) + self.baseline["ph"][stay]
                  + self.noise(len(stay), 0.02))
         return np.clip(value, 6.9, 7.7)
 
@@ -275,8 +290,7 @@ def chart_blocks(physiology: Physiology, rng: np.random.Generator) -> list[Event
     bp = rng.random(len(stay)) < 0.93
     s, h = stay[bp], hours[bp]
     systolic = physiology.systolic(s, h)
-    diastolic = np.clip(0.5 * systolic + 3 - 2 * physiology.facet("ph_shock", s, h) + physiology.noise(len(s), 4),
-                        25, 140)
+    diastolic = physiology.diastolic(s, h, systolic)
     mean = (systolic + 2 * diastolic) / 3 + physiology.noise(len(s), 1.5)
     arterial = physiology.arterial_line[s]
     for values, invasive, noninvasive in ((systolic, 220050, 220179), (diastolic, 220051, 220180),
@@ -390,7 +404,7 @@ def write_labevents(cohort: Cohort, physiology: Physiology, rng: np.random.Gener
     intime = stays["intime"].to_numpy()
     # Chemistry panels every ~12 h; blood gases every ~6 h with an arterial line, else now and then.
     chem_stay, chem_hours = schedule(rng, window, rng.uniform(10, 14, n), rng.uniform(0.0, 4.0, n))
-    gases = physiology.arterial_line | (rng.random(n) < 0.4)
+    gases = physiology.arterial_line | (rng.random(n) < 0.6)
     gas_interval = np.where(physiology.arterial_line, rng.uniform(5, 8, n), rng.uniform(16, 30, n))
     gas_stay, gas_hours = schedule(rng, np.where(gases, window, -1.0), gas_interval, rng.uniform(0.2, 6.0, n))
     # Emergency-department labs before the ICU (and before the admission: no hadm_id).

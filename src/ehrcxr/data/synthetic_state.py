@@ -20,11 +20,11 @@ LABELS: list[str] = phenotype_labels()
 
 # Which modality carries each label's signal (written to signal_map.json).
 SIGNAL_MAP: dict[str, str] = {
-    "ph_acute_renal_failure": "weak", "ph_acute_cerebrovascular": "ehr", "ph_acute_mi": "weak",
-    "ph_cardiac_dysrhythmias": "weak", "ph_ckd": "weak", "ph_copd": "weak", "ph_complications_of_care": "weak",
-    "ph_conduction_disorders": "weak", "ph_chf": "both", "ph_coronary_atherosclerosis": "weak",
+    "ph_acute_renal_failure": "weak", "ph_acute_cerebrovascular": "ehr", "ph_acute_mi": "both",
+    "ph_cardiac_dysrhythmias": "ehr", "ph_ckd": "weak", "ph_copd": "cxr", "ph_complications_of_care": "weak",
+    "ph_conduction_disorders": "ehr", "ph_chf": "both", "ph_coronary_atherosclerosis": "weak",
     "ph_diabetes_complicated": "ehr", "ph_diabetes_uncomplicated": "ehr", "ph_lipid_disorders": "weak",
-    "ph_essential_hypertension": "weak", "ph_fluid_electrolyte": "ehr", "ph_gi_hemorrhage": "weak",
+    "ph_essential_hypertension": "weak", "ph_fluid_electrolyte": "ehr", "ph_gi_hemorrhage": "ehr",
     "ph_hypertension_complicated": "weak", "ph_liver_disease": "weak", "ph_other_lower_respiratory": "cxr",
     "ph_other_upper_respiratory": "weak", "ph_pleurisy_pneumothorax": "cxr", "ph_pneumonia": "cxr",
     "ph_respiratory_failure": "both", "ph_septicemia": "both", "ph_shock": "both",
@@ -33,30 +33,36 @@ SIGNAL_MAP: dict[str, str] = {
 
 SIGNAL_CARRIERS: dict[str, str] = {
     "ph_acute_cerebrovascular": "GCS eye/verbal/motor fall with severity",
+    "ph_cardiac_dysrhythmias": "heart rate up and irregular from one reading to the next",
+    "ph_conduction_disorders": "heart rate down, with occasional much lower readings (dropped beats)",
     "ph_diabetes_complicated": "glucose (strongly) and pH (ketoacidosis)",
     "ph_diabetes_uncomplicated": "glucose",
-    "ph_fluid_electrolyte": "pH (labs and arterial blood gas)",
+    "ph_fluid_electrolyte": "pH (labs and arterial blood gas) down, respiratory rate up (compensation)",
+    "ph_gi_hemorrhage": "heart rate up, systolic BP down with a narrowed pulse pressure",
+    "ph_copd": "hyperinflation: taller, darker lung fields with a low flat diaphragm",
     "ph_pleurisy_pneumothorax": "apical/lateral lung rim without markings (pneumothorax) and basal effusion",
     "ph_pneumonia": "focal consolidation",
     "ph_other_lower_respiratory": "patchy lower-zone opacities",
+    "ph_acute_mi": "CXR: mild perihilar edema without a wide heart; EHR: heart rate up, systolic BP down",
     "ph_chf": "CXR: heart width, perihilar edema, effusion; EHR: heart rate up, systolic BP up",
     "ph_respiratory_failure": "CXR: diffuse opacities (and ET tube when ventilated); EHR: SpO2 down, FiO2 and "
                               "respiratory rate up, ventilation (verbal 'No Response-ETT')",
     "ph_septicemia": "CXR: left PICC line; EHR: temperature, heart rate and respiratory rate up, BP down",
-    "ph_shock": "CXR: right internal jugular central line; EHR: BP down, heart rate up, pH down",
-    "ph_cardiac_dysrhythmias": "faint: heart rate slightly up",
+    "ph_shock": "CXR: right internal jugular central line, smaller heart; EHR: BP down, heart rate up, pH down",
     "ph_essential_hypertension": "faint: systolic BP slightly up",
-    "ph_copd": "faint: taller lung fields",
     "mortality": "see mortality_description",
 }
 
 MORTALITY_DESCRIPTION = (
     "in-hospital death (hospital_expire_flag, deathtime within the admission) ~ Bernoulli(p), "
-    "p = sigmoid(b0 + 0.9 acuity + 0.6 s_shock + 0.6 s_respiratory_failure + 0.45 (anchor_age - 65) / 15 "
-    "+ 2.5 edema_cxr(24 h) * max(0, -bp_trend)), where edema_cxr is the perihilar edema an X-ray at hour 24 "
-    "shows (sigmoid(2 (c_chf - 0.6))) and bp_trend the per-day drift of systolic BP (7 mmHg per unit) over "
-    "the stay; b0 is set so that ~13.5% of stays of >= 48 h die. The acuity also raises heart rate, "
-    "respiratory rate and lowers GCS; shock and respiratory failure show in both modalities.")
+    "p = sigmoid(b0 + 0.8 acuity + 0.4 s_shock + 0.4 s_respiratory_failure + 0.1 (anchor_age - 65) / 15 "
+    "+ 1.3 frailty + 2.5 max(0, -bp_trend) + 7.5 (edema_cxr(24 h) - 0.55) * (-bp_trend)). Only the EHR shows "
+    "the acuity (heart rate, respiratory rate, GCS) and bp_trend (per-day drift of systolic BP, 12 mmHg per "
+    "unit); only the X-ray shows frailty (thin chest-wall soft tissue: a narrower, fainter body outline) and "
+    "edema_cxr, the perihilar edema (0-1, from CHF and acute MI) an X-ray at hour 24 shows. The edema x "
+    "BP-trend interaction is centred on the average edema, so neither modality alone sees it: edema with a "
+    "falling BP is deadly, edema with a rising BP much less so. Shock and respiratory failure show in both "
+    "modalities. b0 is set so that ~13.5% of stays of >= 48 h die.")
 
 # Target prevalences (roughly MIMIC-IV phenotyping).
 PREVALENCE: dict[str, float] = {
@@ -70,10 +76,11 @@ PREVALENCE: dict[str, float] = {
     "ph_respiratory_failure": 0.25, "ph_septicemia": 0.15, "ph_shock": 0.1,
 }
 
-ALPHA = 3.0               # oracle slope on the severity: labels are noisy but the oracle stays high
+ALPHA = 7.0               # oracle slope on the severity: labels are noisy but the oracle stays high
 REFERENCE_HOUR = 24.0     # hours after the first ICU intime at which the label severity is defined
 ACUTE_SLOPE_SD = 0.35     # severity drift per day of acute phenotypes
 MORTALITY_TARGET = 0.135  # share of deaths among stays of >= 48 h
+EDEMA_CENTER = 0.55       # about the average X-ray edema: the edema x BP-trend mortality term has ~no marginal effect
 
 RACE_GROUPS = ("WHITE", "BLACK", "HISPANIC", "ASIAN", "OTHER")
 # Severity offsets by race group (prevalence differences), by (age - 65) / 15 and for men.
@@ -86,12 +93,12 @@ RACE_EFFECTS: dict[str, dict[str, float]] = {
     "WHITE": {"ph_cardiac_dysrhythmias": 0.1},
 }
 AGE_EFFECTS: dict[str, float] = {
-    "ph_cardiac_dysrhythmias": 0.45, "ph_coronary_atherosclerosis": 0.45, "ph_essential_hypertension": 0.3,
+    "ph_cardiac_dysrhythmias": 0.45, "ph_coronary_atherosclerosis": 0.3, "ph_essential_hypertension": 0.3,
     "ph_hypertension_complicated": 0.3, "ph_ckd": 0.3, "ph_lipid_disorders": 0.3, "ph_conduction_disorders": 0.3,
     "ph_copd": 0.25, "ph_chf": 0.3, "ph_acute_renal_failure": 0.15, "ph_acute_mi": 0.2,
     "ph_diabetes_uncomplicated": 0.1, "ph_liver_disease": -0.2,
 }
-MALE_EFFECTS: dict[str, float] = {"ph_coronary_atherosclerosis": 0.3, "ph_acute_mi": 0.2, "ph_liver_disease": 0.2,
+MALE_EFFECTS: dict[str, float] = {"ph_coronary_atherosclerosis": 0.2, "ph_acute_mi": 0.2, "ph_liver_disease": 0.2,
                                   "ph_lipid_disorders": 0.1}
 EHR_WEIGHT = {"ehr": 1.0, "cxr": 0.0, "both": 0.5, "weak": 0.5}
 
@@ -132,6 +139,7 @@ class LatentState:
     severity: np.ndarray
     slope: np.ndarray
     bp_trend: np.ndarray
+    frailty: np.ndarray
     phenotype_prob: np.ndarray
     phenotypes: np.ndarray
     mortality_prob: np.ndarray | None = None
@@ -151,7 +159,7 @@ class LatentState:
         return self.offset[admission, k] + self.cxr_part[admission, k] + self._drift(k, admission, hours)
 
     def total(self, label: str, admission: np.ndarray, hours: np.ndarray) -> np.ndarray:
-        """The label severity itself at ``hours`` (for faint signals of weak phenotypes)."""
+        """The label severity itself at ``hours`` (for the faint signal of a weak phenotype)."""
         k = label_index(label)
         return self.severity[admission, k] + self._drift(k, admission, hours)
 
@@ -185,25 +193,28 @@ def draw_state(rng: np.random.Generator, subject_of_admission: np.ndarray, race_
     severity = offset + np.sqrt(weight) * ehr_part + np.sqrt(1.0 - weight) * cxr_part
     slope = np.where(chronic, 0.0, rng.normal(0.0, ACUTE_SLOPE_SD, (n, n_labels)))
     bp_trend = rng.standard_normal(n)
+    frailty = rng.standard_normal(n)
     targets = np.array([PREVALENCE[label] for label in LABELS])
     beta = solve_intercepts(ALPHA * severity, targets)
     phenotype_prob = sigmoid(ALPHA * severity + beta)
     phenotypes_drawn = (rng.random((n, n_labels)) < phenotype_prob).astype(np.int8)
     return LatentState(acuity=acuity, offset=offset, ehr_part=ehr_part, cxr_part=cxr_part, severity=severity,
-                       slope=slope, bp_trend=bp_trend, phenotype_prob=phenotype_prob, phenotypes=phenotypes_drawn)
+                       slope=slope, bp_trend=bp_trend, frailty=frailty,
+                       phenotype_prob=phenotype_prob, phenotypes=phenotypes_drawn)
 
 
-def edema_level(cxr_chf_facet: np.ndarray) -> np.ndarray:
-    """Perihilar edema intensity (0-1) an X-ray shows for a given CHF X-ray facet."""
-    return sigmoid(2.0 * (cxr_chf_facet - 0.6))
+def edema_level(cxr_chf_facet: np.ndarray, cxr_mi_facet: np.ndarray) -> np.ndarray:
+    """Perihilar edema intensity (0-1) an X-ray shows for given CHF and acute-MI X-ray facets."""
+    return np.clip(sigmoid(2.0 * (cxr_chf_facet - 0.6)) + 0.8 * sigmoid(2.5 * (cxr_mi_facet - 0.5)), 0.0, 1.0)
 
 
 def mortality_score(state: LatentState, age: np.ndarray) -> np.ndarray:
     """Mortality logit without its intercept (see MORTALITY_DESCRIPTION)."""
     admission = np.arange(len(state.acuity))
     at_reference = np.full(len(admission), REFERENCE_HOUR)
-    edema = edema_level(state.cxr_facet("ph_chf", admission, at_reference))
-    falling_bp = np.maximum(0.0, -state.bp_trend)
-    return (0.9 * state.acuity + 0.6 * state.severity[:, label_index("ph_shock")]
-            + 0.6 * state.severity[:, label_index("ph_respiratory_failure")] + 0.45 * (age - 65.0) / 15.0
-            + 2.5 * edema * falling_bp)
+    edema = edema_level(state.cxr_facet("ph_chf", admission, at_reference),
+                        state.cxr_facet("ph_acute_mi", admission, at_reference))
+    return (0.8 * state.acuity + 0.4 * state.severity[:, label_index("ph_shock")]
+            + 0.4 * state.severity[:, label_index("ph_respiratory_failure")] + 0.1 * (age - 65.0) / 15.0
+            + 1.3 * state.frailty + 2.5 * np.maximum(0.0, -state.bp_trend)
+            + 7.5 * (edema - EDEMA_CENTER) * -state.bp_trend)
