@@ -285,7 +285,8 @@ def chexpert_labels(f: dict[str, np.ndarray], rng: np.random.Generator) -> pd.Da
         "Consolidation": f["consolidation"],
         "Edema": f["edema"],
         "Enlarged Cardiomediastinum": 0.8 * st.sigmoid((f["heart_width"] - 0.31) / 0.012),
-        "Fracture": (rng.random(m) < 0.015).astype(float),
+        # frailty goes with osteoporotic (rib, vertebral) fractures, so CheXpert-trained encoders learn to see it
+        "Fracture": np.maximum(st.sigmoid(2.5 * (f["frailty"] - 1.3)), (rng.random(m) < 0.015).astype(float)),
         "Lung Lesion": f["nodule"],
         "Lung Opacity": np.maximum.reduce([f["lower_opacity"], f["diffuse_opacity"], f["consolidation"],
                                            f["edema"]]),

@@ -55,10 +55,11 @@ SIGNAL_CARRIERS: dict[str, str] = {
 
 MORTALITY_DESCRIPTION = (
     "in-hospital death (hospital_expire_flag, deathtime within the admission) ~ Bernoulli(p), "
-    "p = sigmoid(b0 + 0.8 acuity + 0.4 s_shock + 0.4 s_respiratory_failure + 0.1 (anchor_age - 65) / 15 "
+    "p = sigmoid(b0 + 1.1 acuity + 0.4 s_shock + 0.4 s_respiratory_failure + 0.1 (anchor_age - 65) / 15 "
     "+ 1.3 frailty + 2.5 max(0, -bp_trend) + 7.5 (edema_cxr(24 h) - 0.55) * (-bp_trend)). Only the EHR shows "
     "the acuity (heart rate, respiratory rate, GCS) and bp_trend (per-day drift of systolic BP, 12 mmHg per "
-    "unit); only the X-ray shows frailty (thin chest-wall soft tissue: a narrower, fainter body outline) and "
+    "unit); only the X-ray shows frailty (thin chest-wall soft tissue: a narrower, fainter body outline; frail "
+    "patients' reports more often carry CheXpert 'Fracture', as osteoporotic fractures do) and "
     "edema_cxr, the perihilar edema (0-1, from CHF and acute MI) an X-ray at hour 24 shows. The edema x "
     "BP-trend interaction is centred on the average edema, so neither modality alone sees it: edema with a "
     "falling BP is deadly, edema with a rising BP much less so. Shock and respiratory failure show in both "
@@ -214,7 +215,7 @@ def mortality_score(state: LatentState, age: np.ndarray) -> np.ndarray:
     at_reference = np.full(len(admission), REFERENCE_HOUR)
     edema = edema_level(state.cxr_facet("ph_chf", admission, at_reference),
                         state.cxr_facet("ph_acute_mi", admission, at_reference))
-    return (0.8 * state.acuity + 0.4 * state.severity[:, label_index("ph_shock")]
+    return (1.1 * state.acuity + 0.4 * state.severity[:, label_index("ph_shock")]
             + 0.4 * state.severity[:, label_index("ph_respiratory_failure")] + 0.1 * (age - 65.0) / 15.0
             + 1.3 * state.frailty + 2.5 * np.maximum(0.0, -state.bp_trend)
             + 7.5 * (edema - EDEMA_CENTER) * -state.bp_trend)
