@@ -16,7 +16,7 @@ from ehrcxr.resources import CHEXPERT_LABELS, phenotype_labels
 from tiny_mimic import mimic_cxr_tables, mimic_iv_tables, write_tables, write_tiny_mimic
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = Path("/work/shared/mimic-iv-demo")
+DEMO = REPO.parent / "shared" / "mimic-iv-demo"  # ../shared beside the checkout, as in CI
 KEPT = [30000001, 30000003, 30000004, 30000008, 30000009, 30000051, 30000052]
 PAIRED_T1_HOURS = 22 + 5 / 60 + 56.875 / 3600  # 2150-01-02 08:05:56.875 − intime 2150-01-01 10:00
 
