@@ -176,7 +176,7 @@ def load_cell_data(stays_path: str | Path, ehr_path: str | Path, task: str, miss
     'natural': every task stay with its real CXR availability. 'miss<r>': only stays with a usable CXR;
     the CXR is withheld from int(round(r * N)) of the N train+val stays (np.random.default_rng(seed));
     test untouched. paired_test = test stays with a CXR, partial_test = all test stays. Without
-    ``cxr_images_path`` the batches carry a (1, 1, 1) zero placeholder image.
+    ``cxr_images_path`` the batches carry a (1, 1, 1) zero image.
     """
     rate = parse_missing(missing)
     labels = task_labels(task)

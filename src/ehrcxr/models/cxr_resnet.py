@@ -14,7 +14,7 @@ class CXRResNet(nn.Module):
     """ResNet features -> Linear -> ReLU -> dropout -> Linear.
 
     Stays without an X-ray get a learned per-label bias (the prior) as logits; their image
-    (a zero placeholder) is never passed through the network.
+    (a zero image) is never passed through the network.
     """
 
     def __init__(self, n_labels: int, ehr_features: int, cxr: dict | None = None, hidden: int = 128,

@@ -14,7 +14,7 @@ from ehrcxr.models.registry import register
 class LateFusion(nn.Module):
     """[EHR feature ∥ projected CXR feature · has_cxr ∥ has_cxr] -> dropout -> Linear.
 
-    CareBench's released code feeds the features of the zero placeholder image for missing
+    CareBench's released code feeds the features of the zero image for missing
     X-rays; here they are exact zeros and the has_cxr flag is an extra input.
     """
 
