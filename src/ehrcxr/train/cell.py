@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pandas as pd
 
 from ehrcxr.data.datasets import EVAL_SETS, load_cell_data
 from ehrcxr.models import create_model
-from ehrcxr.train.loop import fit, macro_scores, predict, resolve_device, seed_everything
+from ehrcxr.train.loop import fit, macro_scores, predict, resolve_device, seed_everything, write_atomic
 
 log = logging.getLogger("ehrcxr.train")
 
@@ -79,16 +78,10 @@ def run_cell(inputs: dict, out_dir: str | Path, task: str, model: str, missing: 
             frame[f"p_{label}"] = probabilities[:, column].astype(np.float64)
         frames.append(frame)
     predictions = pd.concat(frames, ignore_index=True)
-    _write_atomic(out_dir / "predictions.parquet", lambda path: predictions.to_parquet(path, index=False))
+    write_atomic(out_dir / "predictions.parquet", lambda path: predictions.to_parquet(path, index=False))
     summary = {"task": task, "model": model, "missing": missing, "seed": int(seed), "labels": data.labels,
                "n_stays": data.sizes(), "best_epoch": int(result.best_epoch), "metrics": metrics}
-    _write_atomic(out_dir / "metrics.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
+    write_atomic(out_dir / "metrics.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
     log.info("%s/%s/%s seed %d: best epoch %d; %s", task, model, missing, seed, result.best_epoch,
              "; ".join(f"{name} AUROC {m['auroc']} AUPRC {m['auprc']}" for name, m in metrics.items()))
     return summary
-
-
-def _write_atomic(path: Path, write) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
-    os.replace(temporary, path)

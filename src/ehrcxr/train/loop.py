@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 from torch.nn import functional as F
 
 from ehrcxr.data.datasets import CellData, StaySet
+from ehrcxr.evaluate.metrics import macro
 from ehrcxr.models.base import Batch
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auprc", "val_auroc", "seconds"]
@@ -74,15 +74,7 @@ def macro_scores(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, 
     """(macro AUPRC, macro AUROC) over the labels whose column holds both classes; NaN when none does."""
     labels = np.asarray(labels).reshape(len(labels), -1)
     probabilities = np.asarray(probabilities).reshape(len(probabilities), -1)
-    auprc, auroc = [], []
-    for column in range(labels.shape[1]):
-        y = labels[:, column]
-        if y.size and 0 < y.sum() < y.size:
-            auprc.append(average_precision_score(y, probabilities[:, column]))
-            auroc.append(roc_auc_score(y, probabilities[:, column]))
-    if not auprc:
-        return float("nan"), float("nan")
-    return float(np.mean(auprc)), float(np.mean(auroc))
+    return macro(labels, probabilities, "auprc"), macro(labels, probabilities, "auroc")
 
 
 def _loader(stay_set: StaySet, batch_size: int, device: torch.device, threads: int,
@@ -187,17 +179,21 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_save(obj, path: Path) -> None:
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(temporary_path)`` and move the result onto ``path``, so a killed job never leaves a
+    half-written file."""
     temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
+    write(temporary)
     os.replace(temporary, path)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    write_atomic(path, lambda temporary: torch.save(obj, temporary))
 
 
 def _write_history(rows: list[dict], path: Path) -> pd.DataFrame:
     history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
-    temporary = path.with_name(path.name + ".tmp")
-    history.to_csv(temporary, index=False)
-    os.replace(temporary, path)
+    write_atomic(path, lambda temporary: history.to_csv(temporary, index=False))
     return history
 
 
