@@ -3,5 +3,5 @@ from ehrcxr.data.cxr import run_cxr_cache
 from ehrcxr.logs import log_to
 
 log_to(snakemake.log[0])
-run_cxr_cache(snakemake.input.mimic_cxr, snakemake.input.cxr_studies, snakemake.output.images,
+run_cxr_cache(snakemake.input.cxr_images, snakemake.input.cxr_studies, snakemake.output.images,
               snakemake.output.index, image_size=snakemake.params.image_size, threads=snakemake.threads)

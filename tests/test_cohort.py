@@ -13,7 +13,7 @@ from ehrcxr.data import raw
 from ehrcxr.data.cohort import (CXR_STUDY_DTYPES, EmptyCohortError, assign_splits, build_cohort, race_group,
                                 run_cohort, write_cohort)
 from ehrcxr.resources import CHEXPERT_LABELS, phenotype_labels
-from tiny_mimic import mimic_cxr_tables, mimic_iv_tables, write_tables, write_tiny_mimic
+from tiny_mimic import mimic_cxr_tables, mimic_iv_tables, mimic_iv_tables_as, write_tables, write_tiny_mimic
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO.parent / "shared" / "mimic-iv-demo"  # ../shared beside the checkout, as in CI
@@ -232,6 +232,48 @@ def test_missing_files_and_columns_are_reported_together(editable) -> None:
         build_cohort(iv_root, cxr_root)
     assert "hosp/patients.csv.gz" in str(error.value)
     assert "admissions.csv.gz: missing column(s) race" in str(error.value)
+
+
+@pytest.mark.parametrize("release,suffix", [("v1.0", ".csv"), ("v2.0", ".csv.gz"), ("v3-style", ".csv.gz")])
+def test_other_release_layouts_give_the_same_cohort(cohort, tmp_path, release, suffix) -> None:
+    # v1.0: core/patients + core/admissions, 'ethnicity', plain .csv, CXR tables uncompressed too;
+    # v3-style: extra columns and another column order. The workflow entry checks every table first.
+    iv_root, cxr_root = tmp_path / "mimic-iv", tmp_path / "mimic-cxr-jpg"
+    write_tables(iv_root, mimic_iv_tables_as(release), suffix)
+    write_tables(cxr_root, mimic_cxr_tables(), suffix)
+    out_stays, out_cxr = tmp_path / "stays.parquet", tmp_path / "cxr_studies.parquet"
+    stays, cxr_studies = run_cohort(iv_root, cxr_root, out_stays, out_cxr, {})
+    pd.testing.assert_frame_equal(stays, cohort[0])
+    pd.testing.assert_frame_equal(cxr_studies, cohort[1])
+    assert by_stay(stays, "race")[30000003] == "HISPANIC"  # read from 'ethnicity' in v1.0
+    assert stays.loc[stays["stay_id"] == 30000001, "ph_septicemia"].item() == 1  # ICD-9 '0389' kept its zero
+
+
+def test_v1_layout_check_names_both_locations_and_renamed_column(editable, tmp_path) -> None:
+    iv_root, cxr_root = tmp_path / "v1", editable[1]
+    tables = mimic_iv_tables_as("v1.0")
+    tables["icu/icustays"] = tables["icu/icustays"].rename(columns={"subject_id": "subjectid"})
+    del tables["core/admissions"]
+    write_tables(iv_root, tables, ".csv")
+    out_stays = tmp_path / "out" / "stays.parquet"
+    with pytest.raises(raw.RawDataError) as error:
+        run_cohort(iv_root, cxr_root, out_stays, tmp_path / "out" / "cxr_studies.parquet", {})
+    message = str(error.value)
+    assert f"{iv_root}/hosp/admissions.csv.gz (or .csv); nor {iv_root}/core/admissions.csv.gz (or .csv)" in message
+    assert f"{iv_root}/icu/icustays.csv: missing column(s) subject_id" in message
+    assert not out_stays.exists()
+
+
+def test_flat_image_layout_changes_only_the_path(cohort, tiny) -> None:
+    _, flat = build_cohort(*tiny, cxr_image_layout="flat")
+    assert flat["path"].tolist() == [f"{dicom}.jpg" for dicom in cohort[1]["dicom_id"]]
+    assert flat.set_index("dicom_id").loc["s1-ap-plus22h-b", "path"] == "s1-ap-plus22h-b.jpg"
+    pd.testing.assert_frame_equal(flat.drop(columns="path"), cohort[1].drop(columns="path"))
+
+
+def test_unknown_image_layout_fails_before_reading(tmp_path) -> None:
+    with pytest.raises(ValueError, match="cxr_image_layout must be one of official, flat, got 'p10'"):
+        build_cohort(tmp_path / "nothing-here", tmp_path / "nor-here", cxr_image_layout="p10")
 
 
 def test_workflow_entry_checks_event_tables_before_any_work(editable, tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""CXR image cache: decoding, statuses of missing/truncated files, frontal-only selection."""
+"""CXR image cache: decoding, statuses of missing/truncated files, frontal-only selection, flat image folders."""
 from __future__ import annotations
 
 import io
@@ -9,7 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from ehrcxr.data.cohort import build_cohort
 from ehrcxr.data.cxr import build_cxr_cache, load_cxr_cache, run_cxr_cache
+from ehrcxr.data.datasets import _cxr_rows
+from tiny_mimic import mimic_cxr_tables, mimic_iv_tables, write_images, write_tables
 
 SIZE = 8
 
@@ -89,3 +92,48 @@ def test_empty_cache(tmp_path):
     summary = build_cxr_cache(tmp_path, studies, 4, tmp_path / "e.npy", tmp_path / "e.parquet")
     images, index = load_cxr_cache(tmp_path / "e.npy", tmp_path / "e.parquet")
     assert summary["n_images"] == 0 and images.shape == (0, 4, 4) and index.empty
+
+
+# The 11 frontal (AP/PA) candidates of the tiny cohort, in dicom_id order = their cache rows.
+TINY_FRONTAL = ["s1-ap-minus14h", "s1-ap-plus22h-a", "s1-ap-plus22h-b", "s1-ap-plus5h", "s1-ap-plus60h",
+                "s1-pa-plus34h", "s3-ap-plus10h", "s5-ap-at-intime", "s5-ap-minus1h", "s5-ap-plus50h",
+                "s8-pa-plus6h"]
+
+
+@pytest.fixture()
+def flat_tiny(tmp_path):
+    """The tiny dataset with its JPEGs as <dicom_id>.jpg in one folder outside the MIMIC-CXR-JPG root."""
+    iv_root, cxr_root, images_root = tmp_path / "mimic-iv", tmp_path / "mimic-cxr-jpg", tmp_path / "jpg-flat"
+    write_tables(iv_root, mimic_iv_tables())
+    write_tables(cxr_root, mimic_cxr_tables())
+    write_images(images_root, layout="flat")
+    stays, cxr_studies = build_cohort(iv_root, cxr_root, cxr_image_layout="flat")
+    return images_root, stays, cxr_studies
+
+
+def test_flat_layout_in_separate_folder_is_cached(flat_tiny, tmp_path):
+    images_root, _, cxr_studies = flat_tiny
+    summary = build_cxr_cache(images_root, cxr_studies, SIZE, tmp_path / "i.npy", tmp_path / "i.parquet")
+    assert (summary["n_images"], summary["ok"], summary["missing"], summary["corrupt"]) == (11, 11, 0, 0)
+    images, index = load_cxr_cache(tmp_path / "i.npy", tmp_path / "i.parquet")
+    assert index["dicom_id"].tolist() == TINY_FRONTAL and index["row"].tolist() == list(range(11))
+    for row, dicom in enumerate(TINY_FRONTAL):  # 8x8 files at 8 px: PIL's identity resize of the flat file
+        np.testing.assert_array_equal(images[row], _expected_pixels(images_root / f"{dicom}.jpg", (8, 8),
+                                                                    (0, 0, 8, 8)))
+
+
+def test_absent_paired_image_leaves_only_its_stay_without_cxr(flat_tiny, tmp_path, caplog):
+    images_root, stays, cxr_studies = flat_tiny
+    (images_root / "s3-ap-plus10h.jpg").unlink()  # the paired image of stay 30000003
+    index_path = tmp_path / "i.parquet"
+    with caplog.at_level(logging.WARNING, logger="ehrcxr"):
+        summary = build_cxr_cache(images_root, cxr_studies, SIZE, tmp_path / "i.npy", index_path)
+    assert (summary["n_images"], summary["ok"], summary["missing"], summary["corrupt"]) == (11, 10, 1, 0)
+    assert f"missing CXR image {images_root / 's3-ap-plus10h.jpg'}" in caplog.text
+    index = pd.read_parquet(index_path).set_index("dicom_id")
+    assert index.loc["s3-ap-plus10h"].tolist() == [-1, "missing"]
+    assert (index.drop("s3-ap-plus10h")["status"] == "ok").all()
+    # The stay stays in the cohort; only its CXR is gone (cache row -1, as for unpaired stays).
+    rows = dict(zip(stays["stay_id"], _cxr_rows(stays, index_path)))
+    assert rows == {30000001: 2, 30000003: -1, 30000004: -1, 30000008: -1, 30000009: -1, 30000051: -1,
+                    30000052: 7}

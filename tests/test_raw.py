@@ -1,6 +1,7 @@
 """Raw MIMIC readers: errors that name file/column/row, string ICD codes, CXR time and path helpers."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,10 @@ import pytest
 
 from ehrcxr.data import raw
 from ehrcxr.resources import CHEXPERT_LABELS
-from tiny_mimic import ICUSTAYS, mimic_cxr_tables, mimic_iv_tables, write_tables
+from tiny_mimic import ADMISSIONS, ICUSTAYS, mimic_cxr_tables, mimic_iv_tables, mimic_iv_tables_as, write_tables
+
+# (release, file suffix) pairs users have on disk: v1.0 was commonly unpacked to plain .csv.
+RELEASES = [("v1.0", ".csv"), ("v2.0", ".csv.gz"), ("v3-style", ".csv.gz")]
 
 
 @pytest.fixture()
@@ -43,13 +47,15 @@ def test_timestamps_parsed_and_blank_is_nat(mimic_iv: Path) -> None:
 
 
 def test_truncated_gzip_names_the_file(tmp_path: Path) -> None:
-    path, _ = _write_many_icustays(tmp_path)
+    path, stays = _write_many_icustays(tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(raw.RawDataError, match="icustays.csv.gz"):
         raw.read_table(tmp_path, "icustays")
-    with pytest.raises(raw.RawDataError, match="icustays.csv.gz.*cannot be read"):
+    with pytest.raises(raw.RawDataError, match=r"icustays.csv.gz: cannot be read after row (\d+)") as error:
         list(raw.iter_table(tmp_path, "icustays", ["stay_id", "intime"], chunksize=1000))
+    rows_read = int(re.search(r"after row (\d+)", str(error.value)).group(1))  # whole chunks before the cut
+    assert rows_read % 1000 == 0 and 0 < rows_read < len(stays)
     path.write_bytes(data[:20])  # not even a header left
     with pytest.raises(raw.RawDataError, match="header of .*icustays.csv.gz"):
         raw.read_table(tmp_path, "icustays")
@@ -142,3 +148,76 @@ def test_text_values_like_none_are_data_not_missing(tmp_path: Path) -> None:
     events = raw.read_table(tmp_path, "chartevents", ["stay_id", "value", "valuenum"])
     assert events["value"].iloc[0] == "None"
     assert pd.isna(events["value"].iloc[1]) and pd.isna(events["valuenum"].iloc[1])
+
+
+@pytest.mark.parametrize("release,suffix", RELEASES)
+def test_every_release_layout_reads_as_canonical_v2_tables(tmp_path: Path, release: str, suffix: str) -> None:
+    write_tables(tmp_path / "v2.2", mimic_iv_tables())
+    write_tables(tmp_path / release, mimic_iv_tables_as(release), suffix)
+    for name in raw.MIMIC_IV_TABLES:
+        expected = raw.read_table(tmp_path / "v2.2", name)
+        got = raw.read_table(tmp_path / release, name)
+        pd.testing.assert_frame_equal(got, expected, check_like=True)  # v3-style files have another column order
+    folder = "core" if release == "v1.0" else "hosp"
+    assert raw.table_path(tmp_path / release, raw.MIMIC_IV_TABLES["admissions"]) == (
+        tmp_path / release / folder / f"admissions{suffix}")
+    admissions = raw.read_table(tmp_path / release, "admissions", ["hadm_id", "race"])
+    assert admissions["race"].tolist()[:3] == ["WHITE", "WHITE", "HISPANIC/LATINO - PUERTO RICAN"]
+    assert admissions["race"].isna().tolist() == ADMISSIONS["race"].isna().tolist()  # 10000009's race is blank
+    assert raw.read_header(raw.table_path(tmp_path / release, raw.MIMIC_IV_TABLES["admissions"]),
+                           raw.MIMIC_IV_TABLES["admissions"]).count("race") == 1
+    chunks = list(raw.iter_table(tmp_path / release, "chartevents", ["stay_id", "charttime", "itemid", "valuenum"],
+                                 chunksize=4))
+    assert [len(c) for c in chunks] == [4, 4, 1]
+    assert pd.concat(chunks)["valuenum"].tolist() == [70.0, 80.0, 120.0, 4.0, 90.0, 98.6, 100.0, 50.0, 110.0]
+
+
+@pytest.mark.parametrize("release,suffix", RELEASES)
+def test_icd_codes_keep_leading_zeros_in_every_layout(tmp_path: Path, release: str, suffix: str) -> None:
+    write_tables(tmp_path, mimic_iv_tables_as(release), suffix)
+    diagnoses = raw.read_table(tmp_path, "diagnoses_icd", ["hadm_id", "icd_code", "icd_version"])
+    first = diagnoses[diagnoses["hadm_id"] == 20000001].iloc[0]
+    assert (first["icd_code"], first["icd_version"]) == ("0389", 9)
+    assert str(diagnoses["icd_code"].dtype) == "string"
+    assert (diagnoses["icd_code"] == "0389").sum() == 4  # subjects 10000001, 10000002, 10000007, 10000009
+
+
+def test_v1_schema_check_names_both_candidate_paths_and_renamed_columns(tmp_path: Path) -> None:
+    tables = mimic_iv_tables_as("v1.0")
+    tables["core/admissions"] = tables["core/admissions"].rename(columns={"subject_id": "subjectid",
+                                                                          "ethnicity": "ethnic_group"})
+    del tables["core/patients"]
+    write_tables(tmp_path, tables, ".csv")
+    with pytest.raises(raw.RawDataError) as error:
+        raw.check_mimic_iv(tmp_path)
+    message = str(error.value)
+    assert (f"missing raw file: {tmp_path}/hosp/patients.csv.gz (or .csv); "
+            f"nor {tmp_path}/core/patients.csv.gz (or .csv)") in message
+    assert f"{tmp_path}/core/admissions.csv: missing column(s) subject_id, race (or ethnicity)" in message
+    assert "icustays" not in message and "chartevents" not in message  # the intact tables are not blamed
+    with pytest.raises(raw.RawDataError, match=r"core/admissions.csv: missing column\(s\) subject_id$"):
+        raw.read_table(tmp_path, "admissions", ["subject_id", "hadm_id"])
+
+
+def test_current_layout_wins_over_the_v1_location(tmp_path: Path) -> None:
+    write_tables(tmp_path, {"hosp/patients": mimic_iv_tables()["hosp/patients"]})
+    write_tables(tmp_path, {"core/patients": mimic_iv_tables()["hosp/patients"].iloc[:2]}, ".csv")
+    assert raw.table_path(tmp_path, raw.MIMIC_IV_TABLES["patients"]) == tmp_path / "hosp" / "patients.csv.gz"
+    assert len(raw.read_table(tmp_path, "patients")) == 9
+
+
+def test_v1_unparsable_timestamp_names_v1_file_column_and_row(tmp_path: Path) -> None:
+    tables = mimic_iv_tables_as("v1.0")
+    tables["core/admissions"].loc[4, "dischtime"] = "2180-05-08 12:00:00 noon"
+    write_tables(tmp_path, tables, ".csv")
+    with pytest.raises(raw.RawDataError, match=r"core/admissions.csv: column 'dischtime', data row 5: cannot parse"):
+        raw.read_table(tmp_path, "admissions")
+
+
+def test_cxr_image_relpath_flat_layout_and_unknown_layout() -> None:
+    subjects, studies = pd.Series([10000032, 19999987]), pd.Series([50414267, 58971208])
+    dicoms = pd.Series(["02aa804e-bde0afdd-112c0b34-7bc16630-4e384014", "abc"])
+    assert raw.cxr_image_relpath(subjects, studies, dicoms, "flat").tolist() == [
+        "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg", "abc.jpg"]
+    with pytest.raises(ValueError, match="cxr_image_layout must be one of official, flat, got 'nested'"):
+        raw.cxr_image_relpath(subjects, studies, dicoms, "nested")

@@ -252,19 +252,49 @@ def mimic_cxr_tables() -> dict[str, pd.DataFrame]:
             "mimic-cxr-2.0.0-split": CXR_SPLIT.copy()}
 
 
-def write_tables(root: Path, tables: dict[str, pd.DataFrame]) -> None:
-    """Write each table as ``root/<relpath>.csv.gz`` (blank cells for missing values)."""
+# MIMIC-IV columns that only v2.2 and later releases carry (ehrcxr never reads them).
+_V2_2_ONLY_COLUMNS = {"hosp/admissions": ["admit_provider_id"], "icu/chartevents": ["caregiver_id"],
+                      "hosp/labevents": ["order_provider_id"]}
+
+
+def mimic_iv_tables_as(release: str) -> dict[str, pd.DataFrame]:
+    """The tiny MIMIC-IV tables laid out as another release, keyed by path relative to the root (no suffix).
+
+    ``v1.0``: patients and admissions under ``core/``, ``ethnicity`` instead of ``race``, no provider or
+    caregiver columns. ``v2.0``: the v2.2 paths without the provider and caregiver columns.
+    ``v3-style``: the v2.2 tables with their columns in reverse order plus one extra column ehrcxr does not read.
+    """
+    tables = mimic_iv_tables()
+    if release == "v3-style":
+        return {relpath: frame[frame.columns[::-1]].assign(unread_extra_column="x")
+                for relpath, frame in tables.items()}
+    if release not in ("v1.0", "v2.0"):
+        raise ValueError(f"unknown release {release!r}")
+    tables = {relpath: frame.drop(columns=_V2_2_ONLY_COLUMNS.get(relpath, [])) for relpath, frame in tables.items()}
+    if release == "v1.0":
+        tables["hosp/admissions"] = tables["hosp/admissions"].rename(columns={"race": "ethnicity"})
+        tables = {relpath.replace("hosp/patients", "core/patients").replace("hosp/admissions", "core/admissions"):
+                  frame for relpath, frame in tables.items()}
+    return tables
+
+
+def write_tables(root: Path, tables: dict[str, pd.DataFrame], suffix: str = ".csv.gz") -> None:
+    """Write each table as ``root/<relpath><suffix>`` (gzip for .csv.gz; blank cells for missing values)."""
     for relpath, frame in tables.items():
-        path = Path(root) / f"{relpath}.csv.gz"
+        path = Path(root) / f"{relpath}{suffix}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(path, index=False, compression="gzip")
+        frame.to_csv(path, index=False, compression="gzip" if suffix.endswith(".gz") else None)
 
 
-def write_images(cxr_root: Path, metadata: pd.DataFrame = CXR_METADATA) -> None:
-    """Write an 8×8 grayscale JPEG for every metadata row at its official MIMIC-CXR-JPG path."""
+def write_images(cxr_root: Path, metadata: pd.DataFrame = CXR_METADATA, layout: str = "official") -> None:
+    """Write an 8×8 grayscale JPEG for every metadata row at its official MIMIC-CXR-JPG path, or with
+    ``layout="flat"`` as ``<dicom_id>.jpg`` directly in ``cxr_root``."""
     for number, (dicom, subject, study) in enumerate(
             zip(metadata["dicom_id"], metadata["subject_id"], metadata["study_id"])):
-        path = Path(cxr_root) / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
+        if layout == "flat":
+            path = Path(cxr_root) / f"{dicom}.jpg"
+        else:
+            path = Path(cxr_root) / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         pixels = (np.add.outer(np.arange(8), np.arange(8)) * 16 + number * 7) % 256
         Image.fromarray(pixels.astype(np.uint8), mode="L").save(path, format="JPEG")

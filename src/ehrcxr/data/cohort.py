@@ -1,6 +1,7 @@
 """Cohort stage: ICU stays, their labels, subject-level splits and their chest X-ray pairing.
 
-The same code runs on the synthetic files and on real MIMIC-IV v2.x + MIMIC-CXR-JPG v2.0.0.
+The same code runs on the synthetic files and on real MIMIC-IV (v1.0, v2.x, v3.x; layout detected by
+``ehrcxr.data.raw``) + MIMIC-CXR-JPG (v2.0.0, v2.1.0; images in the official tree or one flat folder).
 Output contracts (column names and dtypes) are documented in docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
@@ -34,11 +35,12 @@ class EmptyCohortError(ValueError):
 def build_cohort(mimic_iv_root: str | Path, mimic_cxr_root: str | Path | None = None, *, min_age: int = 18,
                  mortality_min_hours: float = 48, cxr_window_hours: tuple[float, float] = (0, 48),
                  cxr_lookback_hours: float = 24, split: tuple[float, float, float] = (0.7, 0.1, 0.2),
-                 split_seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 split_seed: int = 0, cxr_image_layout: str = "official") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build ``(stays, cxr_studies)`` from raw MIMIC-IV (and optionally MIMIC-CXR-JPG) files.
 
     ``stays`` carries one row per kept ICU stay with demographics, labels, split and paired CXR;
-    ``cxr_studies`` every image of a kept stay's subject taken in [intime − lookback, outtime].
+    ``cxr_studies`` every image of a kept stay's subject taken in [intime − lookback, outtime], with its
+    ``path`` in ``cxr_image_layout`` (see :func:`ehrcxr.data.raw.cxr_image_relpath`).
     ``stays.attrs["cohort_counts"]`` holds the number of stays left after each rule.
     """
     window_start, window_end = (float(h) for h in cxr_window_hours)
@@ -48,6 +50,7 @@ def build_cohort(mimic_iv_root: str | Path, mimic_cxr_root: str | Path | None = 
         raise ValueError(f"cxr_window_hours start ({window_start} h) lies before the candidate lookback "
                          f"(-{cxr_lookback_hours} h); the paired image must be a cxr_studies candidate")
     fractions = _check_fractions(split)
+    raw.check_cxr_image_layout(cxr_image_layout)
     raw.check_mimic_iv(mimic_iv_root, tables=_REQUIRED_MIMIC_IV)
     if mimic_cxr_root is not None:
         raw.check_mimic_cxr(mimic_cxr_root)
@@ -65,7 +68,8 @@ def build_cohort(mimic_iv_root: str | Path, mimic_cxr_root: str | Path | None = 
     if mimic_cxr_root is None:
         cxr_studies = empty_cxr_studies()
     else:
-        cxr_studies = cxr_candidates(mimic_cxr_root, stays, cxr_lookback_hours, (window_start, window_end))
+        cxr_studies = cxr_candidates(mimic_cxr_root, stays, cxr_lookback_hours, (window_start, window_end),
+                                     cxr_image_layout)
     chosen = cxr_studies.loc[cxr_studies["paired"], ["stay_id", "dicom_id", "study_id", "hours_from_intime"]]
     chosen = chosen.rename(columns={"dicom_id": "cxr_dicom_id", "study_id": "cxr_study_id",
                                     "hours_from_intime": "cxr_hours"})
@@ -207,8 +211,9 @@ def empty_cxr_studies() -> pd.DataFrame:
     return pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in CXR_STUDY_DTYPES.items()})
 
 
-def read_cxr_images(mimic_cxr_root: str | Path) -> pd.DataFrame:
-    """MIMIC-CXR-JPG metadata ⨝ CheXpert labels: one row per image with study_time and relative path."""
+def read_cxr_images(mimic_cxr_root: str | Path, image_layout: str = "official") -> pd.DataFrame:
+    """MIMIC-CXR-JPG metadata ⨝ CheXpert labels: one row per image with study_time and its path relative to
+    the image root in ``image_layout``."""
     metadata = raw.read_table(mimic_cxr_root, "metadata", specs=raw.CXR_TABLES)
     chexpert = raw.read_table(mimic_cxr_root, "chexpert", specs=raw.CXR_TABLES)
     metadata["study_time"] = raw.cxr_study_datetime(metadata["StudyDate"], metadata["StudyTime"])
@@ -225,19 +230,20 @@ def read_cxr_images(mimic_cxr_root: str | Path) -> pd.DataFrame:
         raise raw.RawDataError(f"{path}: data row {row + 1}: duplicate study {chexpert['study_id'].iloc[row]}")
     # Left join: an image whose study has no CheXpert row keeps NaN labels ("not mentioned").
     images = metadata.merge(chexpert, on=["subject_id", "study_id"], how="left", validate="m:1")
-    images["path"] = raw.cxr_image_relpath(images["subject_id"], images["study_id"], images["dicom_id"])
+    images["path"] = raw.cxr_image_relpath(images["subject_id"], images["study_id"], images["dicom_id"],
+                                           image_layout)
     return images
 
 
 def cxr_candidates(mimic_cxr_root: str | Path, stays: pd.DataFrame, lookback_hours: float,
-                   window_hours: tuple[float, float]) -> pd.DataFrame:
+                   window_hours: tuple[float, float], image_layout: str = "official") -> pd.DataFrame:
     """Every image of a stay's subject in [intime − lookback, outtime] and the stay's paired image.
 
     Paired = the latest AP image (blank/NaN ViewPosition is not AP) with study_time in
     [intime + window start, intime + window end] that is also a candidate (so not after outtime);
     ties in time go to the lexicographically last dicom_id.
     """
-    images = read_cxr_images(mimic_cxr_root)
+    images = read_cxr_images(mimic_cxr_root, image_layout)
     images = images[images["subject_id"].isin(stays["subject_id"])]
     pairs = stays[["stay_id", "subject_id", "intime", "outtime"]].merge(images, on="subject_id", how="inner")
     in_stay = ((pairs["study_time"] >= pairs["intime"] - pd.Timedelta(hours=lookback_hours))
@@ -270,8 +276,10 @@ def write_cohort(stays: pd.DataFrame, cxr_studies: pd.DataFrame, stays_path: str
 
 
 def run_cohort(mimic_iv_root: str | Path, mimic_cxr_root: str | Path | None, out_stays: str | Path,
-               out_cxr_studies: str | Path, params: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Build and write the cohort from the ``cohort:`` section of config.yaml; logs counts per rule and split.
+               out_cxr_studies: str | Path, params: dict,
+               cxr_image_layout: str = "official") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Build and write the cohort from the ``cohort:`` section of config.yaml (and ``raw.cxr_image_layout``);
+    logs counts per rule and split.
 
     As the workflow's first stage on the raw files it checks every MIMIC-IV table the workflow reads
     (events included), so a missing file or column fails in seconds, not after hours of work.
@@ -285,7 +293,7 @@ def run_cohort(mimic_iv_root: str | Path, mimic_cxr_root: str | Path | None, out
         cxr_window_hours=tuple(params.get("cxr_window_hours", (0, 48))),
         cxr_lookback_hours=float(params.get("cxr_lookback_hours", 24)),
         split=(split.get("train", 0.7), split.get("val", 0.1), split.get("test", 0.2)),
-        split_seed=int(split.get("seed", 0)))
+        split_seed=int(split.get("seed", 0)), cxr_image_layout=cxr_image_layout)
     for name in SPLITS:
         part = stays[stays["split"] == name]
         log.info("split %-5s: %6d subjects, %6d stays, %6d mortality-task stays, %6d paired stays", name,

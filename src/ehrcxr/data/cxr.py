@@ -79,11 +79,12 @@ def frontal_images(cxr_studies: pd.DataFrame) -> pd.DataFrame:
     return frontal
 
 
-def build_cxr_cache(cxr_root: str | Path, cxr_studies: pd.DataFrame, image_size: int,
+def build_cxr_cache(images_root: str | Path, cxr_studies: pd.DataFrame, image_size: int,
                     out_images: str | Path, out_index: str | Path, threads: int = 1) -> dict:
-    """Decode every unique frontal image of ``cxr_studies`` once into ``out_images`` (uint8 (N, S, S) .npy)
-    and write ``out_index`` (dicom_id, row, status). Missing/corrupt files are logged, get row -1 and do not
-    stop the run. Returns counts per status, the number of images and the seconds taken."""
+    """Decode every unique frontal image of ``cxr_studies`` (``path`` relative to ``images_root``) once into
+    ``out_images`` (uint8 (N, S, S) .npy) and write ``out_index`` (dicom_id, row, status). Missing/corrupt
+    files are logged, get row -1 and do not stop the run. Returns counts per status, the number of images and
+    the seconds taken."""
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     started = time.perf_counter()
@@ -94,7 +95,7 @@ def build_cxr_cache(cxr_root: str | Path, cxr_studies: pd.DataFrame, image_size:
     images = np.lib.format.open_memmap(out_images, mode="w+", dtype=np.uint8, shape=(n_images, image_size, image_size))
     images.flush()
     del images
-    paths = [str(Path(cxr_root) / relative) for relative in frontal["path"]]
+    paths = [str(Path(images_root) / relative) for relative in frontal["path"]]
     tasks = [(str(out_images), paths[start:start + CHUNK_SIZE], start, image_size)
              for start in range(0, n_images, CHUNK_SIZE)]
     statuses = np.empty(n_images, dtype=object)
@@ -134,11 +135,12 @@ def build_cxr_cache(cxr_root: str | Path, cxr_studies: pd.DataFrame, image_size:
     return {"n_images": n_images, **counts, "seconds": seconds}
 
 
-def run_cxr_cache(cxr_root: str | Path, cxr_studies_path: str | Path, out_images: str | Path,
+def run_cxr_cache(images_root: str | Path, cxr_studies_path: str | Path, out_images: str | Path,
                   out_index: str | Path, image_size: int, threads: int = 1) -> dict:
-    """Workflow entry point: read cohort/cxr_studies.parquet and build the cache."""
+    """Workflow entry point: read cohort/cxr_studies.parquet and build the cache from the JPEGs under
+    ``images_root`` (config ``raw.cxr_images``, by default the MIMIC-CXR-JPG root)."""
     cxr_studies = pd.read_parquet(cxr_studies_path)
-    return build_cxr_cache(cxr_root, cxr_studies, int(image_size), out_images, out_index, threads=threads)
+    return build_cxr_cache(images_root, cxr_studies, int(image_size), out_images, out_index, threads=threads)
 
 
 def load_cxr_cache(images_path: str | Path, index_path: str | Path) -> tuple[np.ndarray, pd.DataFrame]:

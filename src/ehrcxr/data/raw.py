@@ -1,11 +1,16 @@
-"""Readers for the raw MIMIC-IV (v2.x) and MIMIC-CXR-JPG (v2.0.0) files, with up-front schema checks.
+"""Readers for the raw MIMIC-IV (v1.0, v2.x, v3.x) and MIMIC-CXR-JPG (v2.0.0, v2.1.0) files, with up-front
+schema checks.
 
-Every reader names the file and column at fault instead of failing deep inside pandas.
+The MIMIC-IV layout is detected from what is on disk: v1.0 keeps patients/admissions in ``core/`` and names
+the race column ``ethnicity``; v2.0+ uses ``hosp/`` and ``race``. Either may be ``.csv`` or ``.csv.gz``, and
+columns ehrcxr does not read (e.g. v2.2+ ``*_provider_id``, ``caregiver_id``) are ignored. Readers always
+return the canonical (v2+) column names. Every reader names the file and column at fault instead of failing
+deep inside pandas.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -26,26 +31,39 @@ class RawDataError(ValueError):
 
 @dataclass(frozen=True)
 class TableSpec:
-    """Where a table lives (relative to its root, without .csv/.csv.gz) and the columns ehrcxr reads."""
+    """Where a table lives (relative to its root, without .csv/.csv.gz) and the columns ehrcxr reads.
+
+    ``relpath`` is the current location; ``old_relpaths`` are tried after it (older releases).
+    ``column_aliases`` maps a canonical column to the names older releases give it in the header.
+    """
 
     relpath: str
     columns: tuple[str, ...]
     dtypes: dict
     timestamps: tuple[str, ...] = ()
+    old_relpaths: tuple[str, ...] = ()
+    column_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def relpaths(self) -> tuple[str, ...]:
+        """Every location of the table, tried in this order."""
+        return (self.relpath, *self.old_relpaths)
 
 
 _STR = "string"
 MIMIC_IV_TABLES: dict[str, TableSpec] = {
     "patients": TableSpec("hosp/patients", ("subject_id", "gender", "anchor_age", "anchor_year", "dod"),
                           {"subject_id": "int64", "gender": _STR, "anchor_age": "int64", "anchor_year": "int64",
-                           "dod": _STR}),
+                           "dod": _STR},
+                          old_relpaths=("core/patients",)),  # MIMIC-IV v1.0
     "admissions": TableSpec(
         "hosp/admissions",
         ("subject_id", "hadm_id", "admittime", "dischtime", "deathtime", "admission_type", "insurance", "race",
          "hospital_expire_flag"),
         {"subject_id": "int64", "hadm_id": "int64", "admission_type": _STR, "insurance": _STR, "race": _STR,
          "hospital_expire_flag": "Int64"},
-        ("admittime", "dischtime", "deathtime")),
+        ("admittime", "dischtime", "deathtime"),
+        old_relpaths=("core/admissions",), column_aliases={"race": ("ethnicity",)}),  # MIMIC-IV v1.0
     "diagnoses_icd": TableSpec("hosp/diagnoses_icd", ("subject_id", "hadm_id", "icd_code", "icd_version"),
                                {"subject_id": "int64", "hadm_id": "int64", "icd_code": _STR, "icd_version": "int64"}),
     "icustays": TableSpec(
@@ -66,6 +84,7 @@ MIMIC_IV_TABLES: dict[str, TableSpec] = {
         ("charttime",)),
 }
 
+# MIMIC-CXR-JPG v2.1.0 ships the same mimic-cxr-2.0.0-*.csv.gz tables as v2.0.0.
 CXR_TABLES: dict[str, TableSpec] = {
     "metadata": TableSpec("mimic-cxr-2.0.0-metadata",
                           ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime"),
@@ -78,23 +97,50 @@ CXR_TABLES: dict[str, TableSpec] = {
                        {"dicom_id": _STR, "study_id": "int64", "subject_id": "int64", "split": _STR}),
 }
 
+# Where the JPEGs lie under the image root: the official tree, or one flat folder of <dicom_id>.jpg.
+CXR_IMAGE_LAYOUTS = ("official", "flat")
+
 
 def table_path(root: str | Path, spec: TableSpec) -> Path:
-    """The existing ``.csv.gz`` or ``.csv`` file of a table; a clear error when neither exists."""
+    """The existing ``.csv.gz`` or ``.csv`` file of a table, trying each of its locations in turn; a clear
+    error naming every candidate when none exists."""
     root = Path(root)
-    for suffix in (".csv.gz", ".csv"):
-        candidate = root / f"{spec.relpath}{suffix}"
-        if candidate.exists():
-            return candidate
-    raise RawDataError(f"missing raw file: {root / spec.relpath}.csv.gz (or .csv)")
+    for relpath in spec.relpaths:
+        for suffix in (".csv.gz", ".csv"):
+            candidate = root / f"{relpath}{suffix}"
+            if candidate.exists():
+                return candidate
+    candidates = [f"{root / relpath}.csv.gz (or .csv)" for relpath in spec.relpaths]
+    raise RawDataError("missing raw file: " + "; nor ".join(candidates))
 
 
-def read_header(path: Path) -> list[str]:
-    """Column names of a CSV file (compressed or not)."""
+def _renames(spec: TableSpec, header: list[str]) -> dict[str, str]:
+    """Header name -> canonical name for each column this file names the older way (e.g. ethnicity -> race)."""
+    renames = {}
+    for canonical, aliases in spec.column_aliases.items():
+        if canonical not in header:
+            alias = next((a for a in aliases if a in header), None)
+            if alias is not None:
+                renames[alias] = canonical
+    return renames
+
+
+def read_header(path: Path, spec: TableSpec | None = None) -> list[str]:
+    """Column names of a CSV file (compressed or not); with ``spec``, older names become canonical ones."""
     try:
-        return list(pd.read_csv(path, nrows=0).columns)
+        header = list(pd.read_csv(path, nrows=0).columns)
     except Exception as error:  # truncated gzip, empty file, not a CSV
         raise RawDataError(f"cannot read the header of {path}: {error}") from error
+    if spec is None:
+        return header
+    renames = _renames(spec, header)
+    return [renames.get(column, column) for column in header]
+
+
+def _missing_columns(spec: TableSpec, header: list[str], columns: Iterable[str]) -> list[str]:
+    """The requested canonical columns a (canonical) header lacks, each with its accepted older names."""
+    missing = [c for c in columns if c not in header]
+    return [f"{c} (or {' or '.join(spec.column_aliases[c])})" if c in spec.column_aliases else c for c in missing]
 
 
 def check_tables(root: str | Path, specs: dict[str, TableSpec]) -> None:
@@ -103,7 +149,7 @@ def check_tables(root: str | Path, specs: dict[str, TableSpec]) -> None:
     for spec in specs.values():
         try:
             path = table_path(root, spec)
-            missing = [c for c in spec.columns if c not in read_header(path)]
+            missing = _missing_columns(spec, read_header(path, spec), spec.columns)
             if missing:
                 problems.append(f"{path}: missing column(s) {', '.join(missing)}")
         except RawDataError as error:
@@ -123,64 +169,73 @@ def check_mimic_cxr(root: str | Path) -> None:
     check_tables(root, CXR_TABLES)
 
 
-def _convert(frame: pd.DataFrame, spec: TableSpec, path: Path, row_offset: int = 0) -> pd.DataFrame:
+def _locate(root: str | Path, spec: TableSpec, columns: Iterable[str]) -> tuple[Path, dict[str, str]]:
+    """The table's file and, for each requested canonical column, the name its header gives it; errors for a
+    missing file or column."""
+    path = table_path(root, spec)
+    header = read_header(path)
+    renames = _renames(spec, header)
+    columns = list(columns)
+    missing = _missing_columns(spec, [renames.get(h, h) for h in header], columns)
+    if missing:
+        raise RawDataError(f"{path}: missing column(s) {', '.join(missing)}")
+    in_file = {canonical: name for name, canonical in renames.items()}
+    return path, {c: in_file.get(c, c) for c in columns}
+
+
+def _convert(frame: pd.DataFrame, spec: TableSpec, path: Path, names: dict[str, str],
+             row_offset: int = 0) -> pd.DataFrame:
+    frame = frame.rename(columns={name: c for c, name in names.items() if name != c})
     for column in spec.timestamps:
         if column in frame.columns:
-            frame[column] = parse_timestamps(frame[column], path, column, row_offset)
+            frame[column] = parse_timestamps(frame[column], path, names[column], row_offset)
     return frame
 
 
-def _dtypes(spec: TableSpec, columns: Iterable[str]) -> dict:
-    return {c: spec.dtypes[c] for c in columns if c in spec.dtypes and c not in spec.timestamps}
+def _dtypes(spec: TableSpec, names: dict[str, str]) -> dict:
+    """pandas dtypes keyed by the file's column names (timestamps are parsed afterwards)."""
+    return {name: spec.dtypes[c] for c, name in names.items() if c in spec.dtypes and c not in spec.timestamps}
 
 
 def read_table(root: str | Path, name: str, columns: Iterable[str] | None = None,
                specs: dict[str, TableSpec] = MIMIC_IV_TABLES) -> pd.DataFrame:
-    """Read one table's columns (all spec columns by default) with ids as int64, codes as strings and
-    timestamps parsed; errors name file, column and row."""
+    """Read one table's columns (all spec columns by default), under their canonical names, with ids as
+    int64, codes as strings and timestamps parsed; errors name file, column and row."""
     spec = specs[name]
-    path = table_path(root, spec)
-    columns = list(columns) if columns is not None else list(spec.columns)
-    missing = [c for c in columns if c not in read_header(path)]
-    if missing:
-        raise RawDataError(f"{path}: missing column(s) {', '.join(missing)}")
+    path, names = _locate(root, spec, columns if columns is not None else spec.columns)
     try:
-        frame = pd.read_csv(path, usecols=columns, dtype=_dtypes(spec, columns), **NA_ONLY_EMPTY)
+        frame = pd.read_csv(path, usecols=list(names.values()), dtype=_dtypes(spec, names), **NA_ONLY_EMPTY)
     except (ValueError, TypeError) as error:
-        raise RawDataError(f"{path}: {_which_column(path, columns, spec)}: {error}") from error
+        raise RawDataError(f"{path}: {_which_column(path, names, spec)}: {error}") from error
     except Exception as error:  # EOFError/zlib.error/BadGzipFile from a truncated file
         raise RawDataError(f"{path}: cannot be read ({type(error).__name__}: {error})") from error
-    return _convert(frame, spec, path)
+    return _convert(frame, spec, path, names)
 
 
 def iter_table(root: str | Path, name: str, columns: Iterable[str], chunksize: int = 1_000_000,
                specs: dict[str, TableSpec] = MIMIC_IV_TABLES) -> Iterator[pd.DataFrame]:
     """Stream a (large) table in chunks of ``chunksize`` rows, converted like :func:`read_table`."""
     spec = specs[name]
-    path = table_path(root, spec)
-    columns = list(columns)
-    missing = [c for c in columns if c not in read_header(path)]
-    if missing:
-        raise RawDataError(f"{path}: missing column(s) {', '.join(missing)}")
+    path, names = _locate(root, spec, columns)
     offset = 0
     try:
-        for chunk in pd.read_csv(path, usecols=columns, dtype=_dtypes(spec, columns), chunksize=chunksize,
-                                 **NA_ONLY_EMPTY):
-            yield _convert(chunk, spec, path, offset)
+        for chunk in pd.read_csv(path, usecols=list(names.values()), dtype=_dtypes(spec, names),
+                                 chunksize=chunksize, **NA_ONLY_EMPTY):
+            yield _convert(chunk, spec, path, names, offset)
             offset += len(chunk)
     except RawDataError:
         raise
     except (ValueError, TypeError) as error:
-        raise RawDataError(f"{path} (after row {offset}): {_which_column(path, columns, spec)}: {error}") from error
+        raise RawDataError(f"{path} (after row {offset}): {_which_column(path, names, spec)}: {error}") from error
     except Exception as error:
         raise RawDataError(f"{path}: cannot be read after row {offset} ({type(error).__name__}: {error})") from error
 
 
-def _which_column(path: Path, columns: list[str], spec: TableSpec) -> str:
+def _which_column(path: Path, names: dict[str, str], spec: TableSpec) -> str:
     """Find the column whose values do not fit the expected dtype (re-reads as text; only on error)."""
-    text = pd.read_csv(path, usecols=columns, dtype=str, **NA_ONLY_EMPTY)
-    for column in columns:
-        dtype = spec.dtypes.get(column)
+    text = pd.read_csv(path, usecols=list(names.values()), dtype=str, **NA_ONLY_EMPTY)
+    for canonical, column in names.items():
+        dtype = spec.dtypes.get(canonical)
         if dtype in ("int64", "Int64", "float64"):
             numbers = pd.to_numeric(text[column], errors="coerce")
             bad = numbers.isna() & text[column].notna()
@@ -213,8 +268,19 @@ def cxr_study_datetime(study_date: pd.Series, study_time: pd.Series) -> pd.Serie
     return dates + pd.to_timedelta(hours * 3600 + minutes * 60 + seconds, unit="s")
 
 
-def cxr_image_relpath(subject_id: pd.Series, study_id: pd.Series, dicom_id: pd.Series) -> pd.Series:
-    """Official MIMIC-CXR-JPG image path: files/p<first 2 digits>/p<subject>/s<study>/<dicom>.jpg."""
+def cxr_image_relpath(subject_id: pd.Series, study_id: pd.Series, dicom_id: pd.Series,
+                      layout: str = "official") -> pd.Series:
+    """Image path relative to the image root: ``official`` MIMIC-CXR-JPG
+    files/p<first 2 digits>/p<subject>/s<study>/<dicom>.jpg, or ``flat`` <dicom>.jpg (one folder)."""
+    check_cxr_image_layout(layout)
+    dicom = dicom_id.astype(str) + ".jpg"
+    if layout == "flat":
+        return dicom
     subject = subject_id.astype("int64").astype(str)
-    return ("files/p" + subject.str[:2] + "/p" + subject + "/s" + study_id.astype("int64").astype(str) + "/"
-            + dicom_id.astype(str) + ".jpg")
+    return "files/p" + subject.str[:2] + "/p" + subject + "/s" + study_id.astype("int64").astype(str) + "/" + dicom
+
+
+def check_cxr_image_layout(layout: str) -> None:
+    """Reject an unknown CXR image layout (config ``raw.cxr_image_layout``)."""
+    if layout not in CXR_IMAGE_LAYOUTS:
+        raise ValueError(f"cxr_image_layout must be one of {', '.join(CXR_IMAGE_LAYOUTS)}, got {layout!r}")
