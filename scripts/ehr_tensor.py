@@ -4,4 +4,4 @@ from ehrcxr.logs import log_to
 
 log_to(snakemake.log[0])
 run_ehr_tensor(snakemake.input.mimic_iv, snakemake.input.stays, snakemake.wildcards.task, snakemake.output[0],
-               hours=snakemake.params.ehr["hours"])
+               hours=snakemake.params.ehr["hours"], threads=snakemake.threads)

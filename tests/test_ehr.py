@@ -115,7 +115,7 @@ def write_tables(root, charts: list[dict], labs: list[dict], drop_chart_column: 
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("mimic-iv")
     write_tables(root, chart_rows(), lab_rows())
-    return root, build_ehr_tensor(root, stays_frame(), chunksize=7)
+    return root, build_ehr_tensor(root, stays_frame(), block_size=300)
 
 
 def raw_values(ds, stay_id: int, feature: str) -> np.ndarray:

@@ -27,6 +27,8 @@ rule cohort:
         cxr_studies="results/{dataset}/cohort/cxr_studies.parquet",
     params:
         cohort=config["cohort"],
+        # the synthetic generator writes the official MIMIC-CXR-JPG tree
+        cxr_image_layout="official" if SYNTHETIC else config["raw"].get("cxr_image_layout", "official"),
     log:
         "logs/{dataset}/cohort.log",
     conda:
@@ -47,6 +49,7 @@ rule ehr_tensor:
         "logs/{dataset}/ehr_tensor/{task}.log",
     benchmark:
         "benchmarks/{dataset}/ehr_tensor/{task}.tsv"
+    threads: 2  # pyarrow parses in parallel; chartevents and labevents stream concurrently
     conda:
         "../../envs/data.yaml"
     script:
@@ -55,7 +58,8 @@ rule ehr_tensor:
 
 rule cxr_cache:
     input:
-        mimic_cxr=MIMIC_CXR if HAS_CXR else [],
+        # image root: raw.cxr_images (e.g. resized JPEGs kept elsewhere), by default the MIMIC-CXR-JPG root
+        cxr_images=[] if not HAS_CXR else MIMIC_CXR if SYNTHETIC else config["raw"].get("cxr_images") or MIMIC_CXR,
         cxr_studies="results/{dataset}/cohort/cxr_studies.parquet",
     output:
         images="results/{dataset}/cxr/images.npy",

@@ -1,32 +1,33 @@
 """Hourly EHR tensor of the 17 mimic3-benchmarks / MedFuse variables (59 features + 17 masks).
 
-MIMIC-IV ``icu/chartevents`` and ``hosp/labevents`` are streamed in chunks; each chunk is cut down to
-the mapped itemids of cohort subjects before anything else, so memory grows with the kept events only.
-Events are assigned to cohort stays (chart: by ``stay_id``; labs and chart rows without one: by
-``hadm_id`` and time, else by ``subject_id`` and time), cleaned by itemid, binned into hours since
-intime (last value wins), forward-filled, one-hot encoded and z-scored with train-split statistics.
+MIMIC-IV ``icu/chartevents`` and ``hosp/labevents`` are streamed block by block (:mod:`ehrcxr.data.events`),
+so memory grows with the cohort, never with the files. Events are assigned to cohort stays (chart: by
+``stay_id``; labs and chart rows without one: by ``hadm_id`` and time, else by ``subject_id`` and time),
+cleaned by itemid, binned into hours since intime (last value wins), forward-filled, one-hot encoded and
+z-scored with train-split statistics.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
+import pyarrow as pa
+
+from ehrcxr.data import events as event_stream
 from ehrcxr.data import raw
 from ehrcxr.data.tasks import task_stays
 from ehrcxr.resources import channels, itemids, variable_ranges
 
 log = logging.getLogger("ehrcxr.ehr")
 
-EVENT_COLUMNS = {
-    "chartevents": ["subject_id", "hadm_id", "stay_id", "charttime", "itemid", "value", "valuenum", "valueuom"],
-    "labevents": ["subject_id", "hadm_id", "charttime", "itemid", "value", "valuenum", "valueuom"],
-}
 STAY_COLUMNS = ["stay_id", "subject_id", "hadm_id", "intime", "outtime", "los_hours", "split"]
 SPLITS = ("train", "val", "test")
 DROP_REASONS = ("unassigned", "outside_window", "non_numeric", "out_of_range", "unknown_gcs")
@@ -110,7 +111,8 @@ def channel_layout() -> Channels:
                     np.asarray(feat_var), np.asarray(feat_cat))
 
 
-def _check_stays(stays: pd.DataFrame) -> pd.DataFrame:
+def prepare_stays(stays: pd.DataFrame) -> pd.DataFrame:
+    """Validate a stays table and sort it by stay_id with its tensor position ``stay_pos``."""
     missing = [c for c in STAY_COLUMNS if c not in stays.columns]
     if missing:
         raise ValueError(f"stays table lacks column(s) {', '.join(missing)}")
@@ -134,144 +136,69 @@ def _check_stays(stays: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _parse_charttime(values: pd.Series, path: Path) -> pd.Series:
-    """Parse the charttime of kept rows; the error names the file's data row (chunk indexes are global)."""
-    parsed = pd.to_datetime(values, format="mixed", errors="coerce")
-    bad = parsed.isna() & values.notna() & (values.astype("string").str.strip() != "")
-    if bad.any():
-        row = int(values.index[bad.to_numpy().argmax()])
-        raise raw.RawDataError(f"{path}: column 'charttime', data row {row + 1}: "
-                               f"cannot parse timestamp {values.loc[row]!r}")
-    return parsed
-
-
-def _assign(chunk: pd.DataFrame, cohort: pd.DataFrame, hours: int) -> tuple[pd.DataFrame, int, int]:
-    """Pair each event with cohort stays and keep those with intime <= charttime <= outtime, t < hours.
-
-    Returns the kept (event, stay) pairs plus the counts of rows without any candidate stay and rows whose
-    candidates all fall outside the window."""
-    stay_ids = chunk["stay_id"] if "stay_id" in chunk else pd.Series(pd.NA, index=chunk.index, dtype="Int64")
-    by_stay = stay_ids.notna()
-    by_hadm = ~by_stay & chunk["hadm_id"].notna()
-    by_subject = ~by_stay & ~by_hadm
-    stay_cols = ["stay_pos", "intime", "outtime"]
-    events = chunk.drop(columns=[c for c in ("stay_id",) if c in chunk])
-    candidates = [
-        events[by_stay].assign(stay_id=stay_ids[by_stay].astype("int64")).merge(
-            cohort[["stay_id"] + stay_cols], on="stay_id", how="inner"),
-        events[by_hadm].assign(hadm_id=events["hadm_id"][by_hadm].astype("int64")).merge(
-            cohort[["hadm_id"] + stay_cols], on="hadm_id", how="inner"),
-        events[by_subject].merge(cohort[["subject_id"] + stay_cols], on="subject_id", how="inner"),
-    ]
-    pairs = pd.concat(candidates, ignore_index=True)
-    hours_since = (pairs["charttime"] - pairs["intime"]) / pd.Timedelta(hours=1)
-    keep = (hours_since >= 0) & (hours_since < hours) & (pairs["charttime"] <= pairs["outtime"])
-    kept = pairs[keep.to_numpy()].assign(hour=np.floor(hours_since[keep]).astype("int64").to_numpy())
-    n_candidates = pairs["row"].nunique()
-    return kept, len(chunk) - n_candidates, n_candidates - kept["row"].nunique()
-
-
-def _collect_events(root: Path, cohort: pd.DataFrame, hours: int, chunksize: int,
-                    counts: dict[str, int]) -> pd.DataFrame:
-    """Stream chartevents then labevents and return the kept (event, stay) pairs of mapped itemids."""
-    item_map = itemids()
-    subjects = pd.Index(cohort["subject_id"].unique())
-    kept_parts, row_offset = [], 0
-    for table, columns in EVENT_COLUMNS.items():
-        spec = raw.MIMIC_IV_TABLES[table]
-        path = raw.table_path(root, spec)
-        lazy_time_spec = {table: dataclasses.replace(spec, timestamps=())}  # parse charttime after filtering
-        wanted_items = item_map.loc[item_map["table"] == table, "itemid"].to_numpy()
-        gcs_items = item_map.loc[item_map["variable"].isin(list(GCS_CANONICAL)), "itemid"].to_numpy()
-        n_rows = n_kept = 0
-        for chunk in raw.iter_table(root, table, columns, chunksize=chunksize, specs=lazy_time_spec):
-            n_rows += len(chunk)
-            chunk = chunk[chunk["itemid"].isin(wanted_items).to_numpy() & chunk["subject_id"].isin(subjects).to_numpy()]
-            if chunk.empty:
-                continue
-            chunk = chunk.assign(charttime=_parse_charttime(chunk["charttime"], path),
-                                 row=chunk.index.to_numpy() + row_offset)
-            kept, unassigned, outside = _assign(chunk, cohort, hours)
-            counts["unassigned"] += unassigned
-            counts["outside_window"] += outside
-            n_kept += len(kept)
-            text_needed = kept["valuenum"].isna() | kept["itemid"].isin(gcs_items)  # keep memory to the numbers
-            kept = kept.assign(value=kept["value"].where(text_needed))
-            kept_parts.append(kept[["stay_pos", "hour", "charttime", "row", "itemid", "value", "valuenum"]])
-        log.info("%s: %d rows read, %d events of mapped items kept in the first %d h of cohort stays",
-                 path, n_rows, n_kept, hours)
-        row_offset += n_rows
-    if not kept_parts:
-        return pd.DataFrame({"stay_pos": pd.Series(dtype="int64"), "hour": pd.Series(dtype="int64"),
-                             "charttime": pd.Series(dtype="datetime64[ns]"), "row": pd.Series(dtype="int64"),
-                             "itemid": pd.Series(dtype="int64"), "value": pd.Series(dtype="string"),
-                             "valuenum": pd.Series(dtype="float64")})
-    return pd.concat(kept_parts, ignore_index=True)
-
-
-def _gcs_codes(events: pd.DataFrame, variable: str, vocab: list[str], numbers: pd.Series) -> pd.Series:
+def _gcs_codes(text: pd.Series, variable: str, vocab: list[str], numbers: np.ndarray) -> np.ndarray:
     """Vocabulary index of GCS rows: known text first (own category or via its score), then the score."""
-    text = events["value"].astype("string").str.strip().str.lower()
     canonical = GCS_CANONICAL[variable]
-    by_text = text.map({t: canonical[s] for t, s in GCS_TEXT_SCORE[variable].items()}
-                       | {v.lower(): v for v in canonical.values()}
-                       | GCS_OWN_CATEGORY.get(variable, {}))
-    whole = numbers.where(numbers == np.round(numbers))
-    by_score = whole.map(canonical)
-    category = by_text.astype("object").where(by_text.notna(), by_score)
-    return category.map({value: index for index, value in enumerate(vocab)}).astype("float64")
+    by_text = text.str.lower().map({t: canonical[s] for t, s in GCS_TEXT_SCORE[variable].items()}
+                                   | {v.lower(): v for v in canonical.values()}
+                                   | GCS_OWN_CATEGORY.get(variable, {})).to_numpy(dtype=object)
+    whole = np.where(numbers == np.round(numbers), numbers, np.nan)
+    by_score = pd.Series(whole).map(canonical).to_numpy(dtype=object)
+    category = np.where(pd.isna(by_text), by_score, by_text)
+    return pd.Series(category).map({value: index for index, value in enumerate(vocab)}).to_numpy(dtype=np.float64)
 
 
-def _clean(events: pd.DataFrame, layout: Channels, counts: dict[str, int]) -> pd.DataFrame:
-    """Map itemids to variables and turn every event into a code (value, or vocabulary index); drop bad rows."""
+def clean_events(events: pd.DataFrame, layout: Channels, counts: dict[str, int],
+                 unknown_gcs: Counter | None = None) -> pd.DataFrame:
+    """Map itemids to variables and turn every event into a ``code`` (value, or vocabulary index); bad rows are
+    dropped and counted in ``counts`` (unknown GCS strings also in ``unknown_gcs``). Needs ``itemid``,
+    ``value`` (text, read only where ``valuenum`` is empty or for GCS items) and ``valuenum``; keeps the index."""
     item_map = itemids().drop_duplicates("itemid").set_index("itemid")["variable"]
     var_index = {v: i for i, v in enumerate(layout.variables)}
-    variable = events["itemid"].map(item_map)
-    events = events.assign(variable=variable.map(var_index).astype("int64"))
-    value_text = events["value"].astype("string").str.strip()
-    numbers = events["valuenum"].astype("float64")
-    numbers = numbers.where(numbers.notna(), pd.to_numeric(value_text, errors="coerce").astype("float64"))
-    code = pd.Series(np.nan, index=events.index)
-    gcs = pd.Series(False, index=events.index)
+    itemid = events["itemid"].to_numpy()
+    variable = item_map.reindex(itemid).map(var_index).to_numpy()
+    if np.isnan(variable).any():
+        raise ValueError(f"unmapped itemid {itemid[np.isnan(variable)][0]} reached cleaning")
+    variable = variable.astype(np.int64)
+    numbers = events["valuenum"].to_numpy(dtype=np.float64, copy=True)
+    text_rows = np.flatnonzero(events["value"].notna().to_numpy())
+    text = events["value"].iloc[text_rows].astype(str).str.strip()
+    parse = np.isnan(numbers[text_rows])
+    numbers[text_rows[parse]] = pd.to_numeric(text[parse], errors="coerce").to_numpy(dtype=np.float64)
+
+    code = np.full(len(events), np.nan)
+    gcs = np.zeros(len(events), dtype=bool)
+    full_text = pd.Series(pd.NA, index=pd.RangeIndex(len(events)), dtype="string")
+    full_text.iloc[text_rows] = text.to_numpy()
     for name in GCS_CANONICAL:
-        rows = (variable == name).to_numpy()
-        gcs |= rows
-        code[rows] = _gcs_codes(events[rows], name, layout.vocab[var_index[name]], numbers[rows]).to_numpy()
-    unknown_gcs = gcs & code.isna()
-    if unknown_gcs.any():
-        examples = value_text[unknown_gcs].fillna("<empty>").value_counts().head(10).to_dict()
-        log.warning("%d GCS events with an unknown value dropped (value: count) %s", int(unknown_gcs.sum()), examples)
-    counts["unknown_gcs"] += int(unknown_gcs.sum())
+        rows = np.flatnonzero(variable == var_index[name])
+        gcs[rows] = True
+        code[rows] = _gcs_codes(full_text.iloc[rows], name, layout.vocab[var_index[name]], numbers[rows])
+    unknown = gcs & np.isnan(code)
+    counts["unknown_gcs"] += int(unknown.sum())
+    if unknown_gcs is not None and unknown.any():
+        unknown_gcs.update(full_text.iloc[np.flatnonzero(unknown)].fillna("<empty>").tolist())
 
     continuous = ~gcs
-    blood_pressure = value_text.str.extract(BP_PATTERN).astype("float64")
-    split_bp = numbers.isna() & blood_pressure[0].notna()
-    numbers = numbers.where(~(split_bp & (variable == SYSTOLIC)), blood_pressure[0])
-    numbers = numbers.where(~(split_bp & (variable == DIASTOLIC)), blood_pressure[1])
-    non_numeric = continuous & numbers.isna()
-    counts["non_numeric"] += int(non_numeric.sum())
+    bp_rows = np.flatnonzero(np.isin(variable, [var_index[SYSTOLIC], var_index[DIASTOLIC]]) & np.isnan(numbers)
+                             & full_text.notna().to_numpy())
+    if len(bp_rows):
+        pressure = full_text.iloc[bp_rows].str.extract(BP_PATTERN).astype("float64").to_numpy()
+        numbers[bp_rows] = np.where(variable[bp_rows] == var_index[SYSTOLIC], pressure[:, 0], pressure[:, 1])
+    counts["non_numeric"] += int((continuous & np.isnan(numbers)).sum())
 
-    itemid = events["itemid"]
-    numbers = numbers.where(~itemid.isin(FAHRENHEIT_ITEMS), (numbers - 32.0) * 5.0 / 9.0)
-    numbers = numbers.where(~itemid.isin(POUND_ITEMS), numbers * KG_PER_POUND)
-    numbers = numbers.where(~itemid.isin(INCH_ITEMS), numbers * CM_PER_INCH)
-    numbers = numbers.where(~((variable == FIO2) & (numbers > 1)), numbers / 100.0)
-    numbers = numbers.where(~((variable == SPO2) & (numbers <= 1)), numbers * 100.0)
-    ranges = variable_ranges()
-    low, high = variable.map(ranges["valid_low"]), variable.map(ranges["valid_high"])
-    out_of_range = continuous & numbers.notna() & ((numbers < low) | (numbers > high))
+    numbers = np.where(np.isin(itemid, FAHRENHEIT_ITEMS), (numbers - 32.0) * 5.0 / 9.0, numbers)
+    numbers = np.where(np.isin(itemid, POUND_ITEMS), numbers * KG_PER_POUND, numbers)
+    numbers = np.where(np.isin(itemid, INCH_ITEMS), numbers * CM_PER_INCH, numbers)
+    numbers = np.where((variable == var_index[FIO2]) & (numbers > 1), numbers / 100.0, numbers)
+    numbers = np.where((variable == var_index[SPO2]) & (numbers <= 1), numbers * 100.0, numbers)
+    ranges = variable_ranges().reindex(layout.variables)
+    low, high = ranges["valid_low"].to_numpy()[variable], ranges["valid_high"].to_numpy()[variable]
+    out_of_range = continuous & ~np.isnan(numbers) & ((numbers < low) | (numbers > high))
     counts["out_of_range"] += int(out_of_range.sum())
-    code[continuous.to_numpy()] = numbers[continuous]
-    return events.assign(code=code)[code.notna().to_numpy() & ~out_of_range.to_numpy()]
-
-
-def _grid(events: pd.DataFrame, n_stays: int, hours: int, n_variables: int) -> np.ndarray:
-    """(stay, hour, variable) array of the last code per bin by charttime (later row wins ties); NaN = empty."""
-    last = (events.sort_values(["stay_pos", "variable", "hour", "charttime", "row"], kind="stable")
-            .drop_duplicates(["stay_pos", "hour", "variable"], keep="last"))
-    grid = np.full((n_stays, hours, n_variables), np.nan)
-    grid[last["stay_pos"].to_numpy(), last["hour"].to_numpy(), last["variable"].to_numpy()] = last["code"].to_numpy()
-    return grid
+    code[continuous] = numbers[continuous]
+    keep = ~np.isnan(code) & ~out_of_range
+    return events.assign(variable=variable, code=code)[keep]
 
 
 def _forward_fill(grid: np.ndarray, normal_code: np.ndarray) -> np.ndarray:
@@ -306,25 +233,57 @@ def fit_normaliser(values: np.ndarray, valid: np.ndarray, columns: np.ndarray) -
     return sample.mean(axis=0), np.clip(sample.std(axis=0, ddof=1), 1e-7, None)
 
 
-def build_ehr_tensor(mimic_iv_root: str | Path, stays: pd.DataFrame, *, hours: int = 48,
-                     chunksize: int = 1_000_000) -> xr.Dataset:
-    """Hourly tensor of the first ``hours`` hours of each stay: values (stay, hour, 59 features, z-scored
-    with train-split statistics), mask (stay, hour, 17 variables), length (valid hours)."""
-    if hours < 1:
-        raise ValueError(f"hours must be >= 1, got {hours}")
-    root = Path(mimic_iv_root)
-    raw.check_mimic_iv(root, tables=list(EVENT_COLUMNS))
-    cohort = _check_stays(stays)
-    layout = channel_layout()
-    counts = dict.fromkeys(DROP_REASONS, 0)
-    events = _clean(_collect_events(root, cohort, hours, chunksize, counts), layout, counts)
+def text_coded_items() -> np.ndarray:
+    """Itemids whose text is read even when valuenum is present (GCS components)."""
+    item_map = itemids()
+    return item_map.loc[item_map["variable"].isin(list(GCS_CANONICAL)), "itemid"].to_numpy()
 
-    grid = _grid(events, len(cohort), hours, len(layout.variables))
+
+def extract_hourly_codes(mimic_iv_root: str | Path, cohort: pd.DataFrame, hours: int, layout: Channels, *,
+                         threads: int = 1, block_size: int = event_stream.DEFAULT_BLOCK_SIZE
+                         ) -> tuple[np.ndarray, dict[str, int]]:
+    """(stay, hour, variable) code of the last clean event per bin (NaN: none) and the drop counts.
+
+    ``cohort`` comes from :func:`prepare_stays`. With ``threads`` >= 2 chartevents and labevents stream
+    concurrently; the result does not depend on it."""
+    root = Path(mimic_iv_root)
+    item_map = itemids()
+    stays = event_stream.StayLookup(cohort, hours)
+    bins = event_stream.HourlyBins(len(cohort), hours, len(layout.variables))
+    text_items = text_coded_items()
+
+    def stream(table: str) -> dict[str, int]:
+        counts = dict.fromkeys(DROP_REASONS, 0)
+        unknown_gcs: Counter = Counter()
+
+        def consume(kept: event_stream.KeptEvents) -> None:
+            clean = clean_events(kept.frame, layout, counts, unknown_gcs)
+            rows = clean.index.to_numpy()
+            bins.update(kept.stay_pos[rows], kept.hour[rows], clean["variable"].to_numpy(),
+                        clean["code"].to_numpy(dtype=np.float64), kept.order[rows])
+
+        wanted = item_map.loc[item_map["table"] == table, "itemid"].to_numpy()
+        path = raw.table_path(root, raw.MIMIC_IV_TABLES[table])
+        event_stream.stream_table(path, table, stays, wanted, text_items, consume, counts, block_size)
+        if unknown_gcs:
+            log.warning("%s: %d GCS events with an unknown value dropped (value: count) %s", path,
+                        counts["unknown_gcs"], dict(unknown_gcs.most_common(10)))
+        return counts
+
+    with ThreadPoolExecutor(max_workers=2 if threads >= 2 else 1) as pool:
+        per_table = list(pool.map(stream, event_stream.EVENT_TABLES))
+    counts = {reason: sum(table_counts[reason] for table_counts in per_table) for reason in DROP_REASONS}
+    return np.where(bins.order >= 0, bins.code, np.nan), counts
+
+
+def tensor_from_codes(codes: np.ndarray, cohort: pd.DataFrame, layout: Channels,
+                      counts: dict[str, int]) -> xr.Dataset:
+    """The EHR tensor Dataset from hourly codes (:func:`extract_hourly_codes`) of a :func:`prepare_stays` cohort."""
+    hours = codes.shape[1]
     length = np.clip(np.ceil(cohort["los_hours"].to_numpy(dtype=np.float64)), 1, hours).astype(np.int32)
     valid = np.arange(hours)[None, :] < length[:, None]
-    mask = (~np.isnan(grid) & valid[:, :, None]).astype(np.uint8)
-    filled = _forward_fill(grid, layout.normal_code)
-    del grid
+    mask = (~np.isnan(codes) & valid[:, :, None]).astype(np.uint8)
+    filled = _forward_fill(codes, layout.normal_code)
 
     continuous = layout.continuous_variables
     train = (cohort["split"] == "train").to_numpy()
@@ -347,6 +306,20 @@ def build_ehr_tensor(mimic_iv_root: str | Path, stays: pd.DataFrame, *, hours: i
         attrs=attrs)
 
 
+def build_ehr_tensor(mimic_iv_root: str | Path, stays: pd.DataFrame, *, hours: int = 48, threads: int = 1,
+                     block_size: int = event_stream.DEFAULT_BLOCK_SIZE) -> xr.Dataset:
+    """Hourly tensor of the first ``hours`` hours of each stay: values (stay, hour, 59 features, z-scored
+    with train-split statistics), mask (stay, hour, 17 variables), length (valid hours)."""
+    if hours < 1:
+        raise ValueError(f"hours must be >= 1, got {hours}")
+    raw.check_mimic_iv(mimic_iv_root, tables=list(event_stream.EVENT_TABLES))
+    cohort = prepare_stays(stays)
+    layout = channel_layout()
+    codes, counts = extract_hourly_codes(mimic_iv_root, cohort, hours, layout, threads=threads,
+                                         block_size=block_size)
+    return tensor_from_codes(codes, cohort, layout, counts)
+
+
 def observed_rates(dataset: xr.Dataset) -> pd.Series:
     """Share of valid (stay, hour) bins with a real observation, per variable."""
     valid = dataset["hour"] < dataset["length"]
@@ -355,11 +328,14 @@ def observed_rates(dataset: xr.Dataset) -> pd.Series:
 
 
 def run_ehr_tensor(mimic_iv_root: str | Path, stays_path: str | Path, task: str, out_path: str | Path,
-                   hours: int = 48, chunksize: int = 1_000_000) -> xr.Dataset:
-    """Build the EHR tensor of ``task``'s cohort stays and write it as compressed NetCDF (h5netcdf)."""
+                   hours: int = 48, threads: int = 1) -> xr.Dataset:
+    """Build the EHR tensor of ``task``'s cohort stays and write it as compressed NetCDF (h5netcdf).
+
+    ``threads`` sizes pyarrow's CSV parsing pool and lets chartevents and labevents stream concurrently."""
+    pa.set_cpu_count(max(1, int(threads)))
     stays = task_stays(pd.read_parquet(stays_path), task)
     log.info("%s: %d stays (%s)", task, len(stays), stays["split"].value_counts().to_dict())
-    dataset = build_ehr_tensor(mimic_iv_root, stays, hours=hours, chunksize=chunksize)
+    dataset = build_ehr_tensor(mimic_iv_root, stays, hours=hours, threads=threads)
     for key in sorted(k for k in dataset.attrs if k.startswith("dropped_")):
         log.info("%s: %d", key, dataset.attrs[key])
     for variable, rate in observed_rates(dataset).items():
