@@ -17,7 +17,7 @@ from ehrcxr.models import ModelOutput, create_model, register
 from ehrcxr.models.encoders import CXRBackbone
 from ehrcxr.resources import CHEXPERT_LABELS
 from ehrcxr.train.cell import run_cell
-from ehrcxr.train.loop import fit, precompute_cxr_features, predict, seed_everything
+from ehrcxr.train.loop import fit, macro_scores, precompute_cxr_features, predict, seed_everything
 from ehrcxr.train.pretrain import chexpert_image_labels, pretrain_cxr
 
 N_STAYS, HOURS, N_VALUES, N_VARIABLES, IMAGE = 160, 4, 3, 2, 16
@@ -310,3 +310,17 @@ def test_pretrain_uses_train_subjects_and_saves_a_loadable_backbone(tmp_path):
     backbone.load_pretrained(out)
     saved = torch.load(out, weights_only=True)
     torch.testing.assert_close(backbone.backbone_state_dict()["layer1.0.conv1.weight"], saved["layer1.0.conv1.weight"])
+
+
+def test_macro_scores_of_one_label_many_labels_and_an_empty_set():
+    labels = np.array([0, 1, 1, 0])
+    probabilities = np.array([0.1, 0.8, 0.4, 0.3])
+    auprc, auroc = macro_scores(labels, probabilities)
+    assert auroc == pytest.approx(1.0) and auprc == pytest.approx(1.0)
+    two = np.stack([labels, 1 - labels], axis=1)
+    # second label: positives are rows 0 and 3 with scores 0.9 and 0.7 against 0.2 and 0.6 -> AUROC 1.0
+    auprc, auroc = macro_scores(two, np.stack([probabilities, 1 - probabilities], axis=1))
+    assert auroc == pytest.approx(1.0)
+    # an empty paired test set (no X-rays at all): undefined, not a crash
+    assert all(np.isnan(v) for v in macro_scores(np.zeros((0, 25)), np.zeros((0, 25))))
+    assert all(np.isnan(v) for v in macro_scores(np.zeros(0), np.zeros(0)))

@@ -72,8 +72,9 @@ def autocast(device: torch.device):
 
 def macro_scores(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, float]:
     """(macro AUPRC, macro AUROC) over the labels whose column holds both classes; NaN when none does."""
-    labels = np.asarray(labels).reshape(len(labels), -1)
-    probabilities = np.asarray(probabilities).reshape(len(probabilities), -1)
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities)
+    if labels.ndim == 1:  # one label (mortality) as a column; an empty (0, L) set stays 2-D
+        labels, probabilities = labels[:, None], probabilities[:, None]
     return macro(labels, probabilities, "auprc"), macro(labels, probabilities, "auroc")
 
 

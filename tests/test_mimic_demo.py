@@ -1,0 +1,328 @@
+"""The workflow's data stages on the real, open MIMIC-IV demo v2.2, through the snakemake CLI.
+
+Every expected value is recomputed here from the raw csv.gz rows with plain pandas (no ehrcxr code), from the
+rules in docs/ARCHITECTURE.md and the reference files in resources/. Also validates the shipped MIMIC configs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO.parent / "shared" / "mimic-iv-demo"
+SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+RESULTS = "results/mimic_demo"
+HOUR = pd.Timedelta(hours=1)
+
+needs_demo = pytest.mark.skipif(not DEMO.exists(), reason=f"the MIMIC-IV demo v2.2 is not at {DEMO} "
+                                "(download https://physionet.org/content/mimic-iv-demo/2.2/ there)")
+
+HEART_RATE, TEMP_F, TEMP_C = 220045, 223761, 223762
+GLUCOSE_CHART, GLUCOSE_LAB = (220621, 225664, 226537), (50809, 50931, 51478)
+# Checked stays: 32155744 (ids inferred in the rebuilt chartevents, mortality task), 32145159 (original ids and
+# text, 24.9 h long, phenotyping only), 33177122 (original ids, mortality task), 35436337 (original ids,
+# mortality task, a blood glucose lab in hour 0 with no chart glucose). See the demo's README.md.
+HEART_RATE_HOURS = [(32155744, 6), (32145159, 4), (33177122, 41)]  # several rows in the hour: the last wins
+FAHRENHEIT_HOURS = [(32155744, 5), (32145159, 3)]                  # only °F temperature rows in the hour
+LAB_GLUCOSE_HOUR = (35436337, 0)
+CHECKED_STAYS = sorted({s for s, _ in HEART_RATE_HOURS + FAHRENHEIT_HOURS} | {LAB_GLUCOSE_HOUR[0]})
+
+
+def demo_config() -> dict:
+    """config/mimic_demo.yaml with the raw path made absolute (snakemake runs in a temporary directory)."""
+    config = yaml.safe_load((REPO / "config" / "mimic_demo.yaml").read_text())
+    config["raw"]["mimic_iv"] = str(DEMO)
+    return config
+
+
+def read_raw(table: str, dates: list[str], **options) -> pd.DataFrame:
+    frame = pd.read_csv(DEMO / f"{table}.csv.gz", **options)
+    for column in dates:
+        frame[column] = pd.to_datetime(frame[column])
+    return frame
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """Run the cohort and both EHR tensors (no training) on the demo in a temporary directory."""
+    if not DEMO.exists():
+        pytest.skip(f"the MIMIC-IV demo v2.2 is not at {DEMO}")
+    workdir = tmp_path_factory.mktemp("mimic_demo")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(demo_config()))
+    targets = [f"{RESULTS}/cohort/stays.parquet", f"{RESULTS}/ehr/phenotyping.nc", f"{RESULTS}/ehr/mortality.nc"]
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "--directory",
+               str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", *targets]
+    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def stays(workdir) -> pd.DataFrame:
+    return pd.read_parquet(workdir / RESULTS / "cohort" / "stays.parquet").set_index("stay_id")
+
+
+@pytest.fixture(scope="module")
+def tensors(workdir) -> dict[str, xr.Dataset]:
+    """Both task tensors, indexed by stay_id."""
+    return {task: xr.load_dataset(workdir / RESULTS / "ehr" / f"{task}.nc", engine="h5netcdf").swap_dims(stay="stay_id")
+            for task in ("phenotyping", "mortality")}
+
+
+@pytest.fixture(scope="module")
+def expected() -> pd.DataFrame:
+    """The cohort by the documented rules, from icustays ⨝ admissions ⨝ patients, indexed by stay_id."""
+    icustays = read_raw("icu/icustays", ["intime", "outtime"])
+    admissions = read_raw("hosp/admissions", ["admittime", "dischtime", "deathtime"])
+    patients = read_raw("hosp/patients", ["dod"])
+    frame = icustays.merge(admissions, on=["subject_id", "hadm_id"]).merge(patients, on="subject_id")
+    frame = frame[frame["intime"] <= frame["outtime"]]
+    frame = frame[frame["first_careunit"].fillna("") == frame["last_careunit"].fillna("")]
+    frame = frame[frame.groupby("hadm_id")["stay_id"].transform("size") == 1]
+    frame = frame[frame["anchor_age"] + frame["intime"].dt.year - frame["anchor_year"] >= 18].copy()
+    frame["los_hours"] = (frame["outtime"] - frame["intime"]) / HOUR
+    by_deathtime = frame["deathtime"].between(frame["admittime"], frame["dischtime"])
+    by_dod = frame["dod"].between(frame["admittime"].dt.normalize(), frame["dischtime"].dt.normalize())
+    frame["mortality"] = (by_deathtime | by_dod).astype(int)
+    return frame.set_index("stay_id").sort_index()
+
+
+@pytest.fixture(scope="module")
+def events(expected) -> dict[str, pd.DataFrame]:
+    """chartevents and labevents rows of the checked stays' subjects, with parsed charttime."""
+    subjects = expected.loc[CHECKED_STAYS, "subject_id"].unique()
+    frames = {}
+    for table in ("icu/chartevents", "hosp/labevents"):
+        frame = pd.read_csv(DEMO / f"{table}.csv.gz", dtype={"value": str}, low_memory=False)
+        frame = frame[frame["subject_id"].isin(subjects)].copy()
+        frame["charttime"] = pd.to_datetime(frame["charttime"])
+        frames[table.split("/")[1]] = frame
+    # every checked chart row carries its stay_id, so selecting chart rows by stay_id is exact
+    assert frames["chartevents"]["stay_id"].notna().all()
+    return frames
+
+
+def in_hour(rows: pd.DataFrame, stay: pd.Series, hour: int) -> pd.DataFrame:
+    """Rows with intime + hour <= charttime < intime + hour + 1 h (and not after outtime), in charttime order;
+    the stable sort keeps file order among equal times, so the last row is the value the tensor keeps."""
+    start = stay["intime"] + hour * HOUR
+    keep = (rows["charttime"] >= start) & (rows["charttime"] < start + HOUR) & (rows["charttime"] <= stay["outtime"])
+    return rows[keep].sort_values("charttime", kind="stable")
+
+
+def chart_rows(events, stay_id: int, itemids) -> pd.DataFrame:
+    chart = events["chartevents"]
+    return chart[(chart["stay_id"] == stay_id) & chart["itemid"].isin(itemids)]
+
+
+def lab_rows(events, stay: pd.Series, itemids) -> pd.DataFrame:
+    """Lab rows of the stay's admission, plus rows without hadm_id of its subject (assigned by time)."""
+    lab = events["labevents"]
+    mine = (lab["hadm_id"] == stay["hadm_id"]) | (lab["hadm_id"].isna() & (lab["subject_id"] == stay["subject_id"]))
+    return lab[mine & lab["itemid"].isin(itemids)]
+
+
+def zscored(dataset: xr.Dataset, variable: str, value: float) -> float:
+    scale = json.loads(dataset.attrs["normaliser"])[variable]
+    return (value - scale["mean"]) / scale["std"]
+
+
+def tensors_of(stay_id: int, tensors: dict[str, xr.Dataset]) -> list[xr.Dataset]:
+    """The task tensors that hold the stay (phenotyping always, mortality for stays >= 48 h)."""
+    return [dataset for dataset in tensors.values() if stay_id in dataset["stay_id"].values]
+
+
+@needs_demo
+def test_cohort_follows_the_stay_rules(stays, expected):
+    assert list(stays.index) == list(expected.index)
+    assert (len(stays), stays["subject_id"].nunique()) == (len(expected), expected["subject_id"].nunique()) == (112, 91)
+    assert (stays["hadm_id"] == expected["hadm_id"]).all()
+    np.testing.assert_allclose(stays["los_hours"], expected["los_hours"])
+    assert (stays["in_mortality_task"] == (expected["los_hours"] >= 48)).all()
+    assert int(stays["in_mortality_task"].sum()) == 54
+
+
+@needs_demo
+def test_splits_are_by_subject_and_follow_the_seeded_rule(stays, expected):
+    split_config = demo_config()["cohort"]["split"]
+    subjects = np.random.default_rng(split_config["seed"]).permutation(np.sort(expected["subject_id"].unique()))
+    n_train, n_train_val = np.round(np.cumsum([split_config["train"], split_config["val"]]) * len(subjects)).astype(int)
+    split_of = dict.fromkeys(subjects[:n_train], "train") | dict.fromkeys(subjects[n_train:n_train_val], "val")
+    split_of |= dict.fromkeys(subjects[n_train_val:], "test")
+    assert (stays["split"] == expected["subject_id"].map(split_of)).all()
+    assert stays.groupby("subject_id")["split"].nunique().max() == 1
+    counts = stays["split"].value_counts()
+    assert counts.sum() == len(stays) and set(counts.index) == {"train", "val", "test"}
+    # both tasks keep stays and in-hospital deaths in every split (validation AUPRC needs a positive)
+    mortality_task = stays[stays["in_mortality_task"]]
+    assert (mortality_task.groupby("split")["mortality"].agg(["size", "sum"]) > 0).all().all()
+    assert len(mortality_task.groupby("split")) == 3
+
+
+@needs_demo
+def test_mortality_is_death_within_the_admission(stays, expected):
+    assert (stays["mortality"] == expected["mortality"]).all()
+    assert int(stays["mortality"].sum()) == int(expected["mortality"].sum()) == 10
+
+
+@needs_demo
+def test_phenotypes_match_the_version_specific_icd_lists(stays, expected):
+    diagnoses = pd.read_csv(DEMO / "hosp" / "diagnoses_icd.csv.gz", dtype={"icd_code": str})
+    diagnoses = diagnoses[diagnoses["hadm_id"].isin(expected["hadm_id"])]
+    code = diagnoses["icd_code"].str.strip()
+    # resources/phenotypes.yaml lists full, dot-less codes per ICD version: exact match within the version
+    groups = yaml.safe_load((REPO / "resources" / "phenotypes.yaml").read_text())["phenotypes"]
+    positives = {}
+    for group in groups:
+        match = (((diagnoses["icd_version"] == 9) & code.isin(group["icd9"]))
+                 | ((diagnoses["icd_version"] == 10) & code.isin(group["icd10"])))
+        hadm_ids = set(diagnoses.loc[match, "hadm_id"])
+        positives[group["label"]] = int(expected["hadm_id"].isin(hadm_ids).sum())
+        assert (stays[group["label"]] == expected["hadm_id"].isin(hadm_ids).astype(int)).all(), group["label"]
+    assert {label: positives[label] for label in ("ph_essential_hypertension", "ph_septicemia", "ph_shock")} == {
+        "ph_essential_hypertension": 46, "ph_septicemia": 17, "ph_shock": 15}
+
+
+@needs_demo
+def test_tensors_hold_the_task_stays_in_stay_order(tensors, stays, expected):
+    mortality_stays = expected.index[expected["los_hours"] >= 48]
+    for task, stay_ids in (("phenotyping", expected.index), ("mortality", mortality_stays)):
+        dataset = tensors[task]
+        assert list(dataset["stay_id"].values) == list(stay_ids), task
+        assert list(dataset["split"].values) == list(stays.loc[stay_ids, "split"]), task
+        length = np.clip(np.ceil(expected.loc[stay_ids, "los_hours"]), 1, 48).astype(int)
+        assert list(dataset["length"].values) == list(length), task
+
+
+@needs_demo
+@pytest.mark.parametrize("stay_id,hour", HEART_RATE_HOURS)
+def test_heart_rate_is_the_last_row_of_its_hour_zscored(tensors, expected, events, stay_id, hour):
+    rows = in_hour(chart_rows(events, stay_id, [HEART_RATE]), expected.loc[stay_id], hour)
+    # the hour's last value differs from its earlier ones, so "last wins" is what is checked
+    assert len(rows) > 1 and (rows["valuenum"].iloc[:-1] != rows["valuenum"].iloc[-1]).all()
+    for dataset in tensors_of(stay_id, tensors):
+        value = float(dataset["values"].sel(stay_id=stay_id, hour=hour, feature="Heart Rate"))
+        assert value == pytest.approx(zscored(dataset, "Heart Rate", rows["valuenum"].iloc[-1]), abs=1e-5)
+        assert int(dataset["mask"].sel(stay_id=stay_id, hour=hour, variable="Heart Rate")) == 1
+
+
+@needs_demo
+def test_hours_without_heart_rate_are_masked_and_imputed(tensors, expected, events):
+    normal_rate = float(json.loads((REPO / "resources" / "channels.json").read_text())["normal_values"]["Heart Rate"])
+    # 32155744: no heart rate before hour 5, so hour 0 holds the normal value
+    first = chart_rows(events, 32155744, [HEART_RATE])
+    first = first[first["charttime"] >= expected.loc[32155744, "intime"]].sort_values("charttime")
+    assert first["charttime"].iloc[0] >= expected.loc[32155744, "intime"] + 5 * HOUR
+    # 32145159 (25 valid hours): no row in hour 24, so it repeats the last rate before it
+    stay = expected.loc[32145159]
+    rows = chart_rows(events, 32145159, [HEART_RATE])
+    assert in_hour(rows, stay, 24).empty
+    before = rows[(rows["charttime"] >= stay["intime"]) & (rows["charttime"] < stay["intime"] + 24 * HOUR)]
+    last_before = before.sort_values("charttime", kind="stable")["valuenum"].iloc[-1]
+    for stay_id, hour, raw_value in ((32155744, 0, normal_rate), (32145159, 24, last_before)):
+        for dataset in tensors_of(stay_id, tensors):
+            assert int(dataset["mask"].sel(stay_id=stay_id, hour=hour, variable="Heart Rate")) == 0
+            value = float(dataset["values"].sel(stay_id=stay_id, hour=hour, feature="Heart Rate"))
+            assert value == pytest.approx(zscored(dataset, "Heart Rate", raw_value), abs=1e-5)
+    # hours after the stay's 25 valid hours are zero and unmasked
+    after = tensors["phenotyping"].sel(stay_id=32145159, hour=slice(25, None))
+    assert float(abs(after["values"]).max()) == 0 and int(after["mask"].max()) == 0
+
+
+@needs_demo
+@pytest.mark.parametrize("stay_id,hour", FAHRENHEIT_HOURS)
+def test_fahrenheit_temperature_is_converted_to_celsius(tensors, expected, events, stay_id, hour):
+    rows = in_hour(chart_rows(events, stay_id, [TEMP_F, TEMP_C]), expected.loc[stay_id], hour)
+    assert len(rows) > 0 and (rows["itemid"] == TEMP_F).all() and (rows["valueuom"] == "°F").all()
+    celsius = (rows["valuenum"].iloc[-1] - 32) * 5 / 9
+    for dataset in tensors_of(stay_id, tensors):
+        value = float(dataset["values"].sel(stay_id=stay_id, hour=hour, feature="Temperature"))
+        assert value == pytest.approx(zscored(dataset, "Temperature", celsius), abs=1e-5)
+        assert int(dataset["mask"].sel(stay_id=stay_id, hour=hour, variable="Temperature")) == 1
+
+
+@needs_demo
+def test_lab_glucose_is_assigned_by_admission_and_time(tensors, expected, events):
+    stay_id, hour = LAB_GLUCOSE_HOUR
+    stay = expected.loc[stay_id]
+    assert in_hour(chart_rows(events, stay_id, GLUCOSE_CHART), stay, hour).empty
+    labs = in_hour(lab_rows(events, stay, GLUCOSE_LAB), stay, hour)
+    assert len(labs) == 1 and labs["hadm_id"].iloc[0] == stay["hadm_id"]  # a lab row has no stay_id
+    datasets = tensors_of(stay_id, tensors)
+    assert len(datasets) == 2  # a mortality-task stay: checked in both tensors, each with its own normaliser
+    for dataset in datasets:
+        value = float(dataset["values"].sel(stay_id=stay_id, hour=hour, feature="Glucose"))
+        assert value == pytest.approx(zscored(dataset, "Glucose", labs["valuenum"].iloc[0]), abs=1e-5)
+        assert int(dataset["mask"].sel(stay_id=stay_id, hour=hour, variable="Glucose")) == 1
+
+
+@needs_demo
+def test_variables_without_a_mimic_iv_item_are_never_observed(tensors):
+    mapped = set(pd.read_csv(REPO / "resources" / "itemids.csv")["variable"])
+    unmapped = [v for v in json.loads((REPO / "resources" / "channels.json").read_text())["id_to_channel"]
+                if v not in mapped]
+    assert unmapped == ["Capillary refill rate", "Glascow coma scale total"]
+    for dataset in tensors.values():
+        assert int(dataset["mask"].sel(variable=unmapped).sum()) == 0
+        assert int(dataset["mask"].sel(variable="Heart Rate").sum()) > 0
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "mimic_demo.yaml", "mimic.yaml"])
+def test_shipped_configs_match_the_schema(name):
+    jsonschema.Draft202012Validator(SCHEMA).validate(yaml.safe_load((REPO / "config" / name).read_text()))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c["missing"].append("miss1.5"), "'miss1.5' does not match"),
+    (lambda c: c.pop("raw"), "'raw' is a required property"),
+    (lambda c: c["cxr"].update(depth=101), "101 is not one of"),
+])
+def test_the_schema_rejects_a_broken_mimic_config(change, message):
+    config = yaml.safe_load((REPO / "config" / "mimic.yaml").read_text())
+    change(config)
+    with pytest.raises(jsonschema.ValidationError, match=message):
+        jsonschema.Draft202012Validator(SCHEMA).validate(config)
+
+
+def test_mimic_models_accept_their_params():
+    """Every model of config/mimic.yaml builds with its params (a misspelt param fails here, not on the cluster)."""
+    from ehrcxr.models.registry import create_model
+
+    config = yaml.safe_load((REPO / "config" / "mimic.yaml").read_text())
+    cxr = {**config["cxr"], "weights": None}  # no ImageNet download in tests
+    for name, entry in config["models"].items():
+        model = create_model(name, n_labels=25, ehr_features=76,
+                             cxr=cxr if "cxr" in entry["modalities"] else None, **entry["params"])
+        assert sum(p.numel() for p in model.parameters()) > 0, name
+
+
+@needs_demo
+def test_whole_demo_grid_trains_ehr_only_models_without_image_stages(workdir):
+    """The rest of the grid after the data stages: no image stage, EHR-only models, 'natural' only."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "--directory",
+               str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    dry = subprocess.run([*command, "--dry-run", "--quiet", "rules"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    jobs = {line.split()[0]: int(line.split()[1]) for line in dry.stdout.splitlines()
+            if len(line.split()) == 2 and line.split()[1].isdigit()}
+    models = demo_config()["models"]
+    assert jobs == {"train": 2 * len(models), "aggregate": 1, "all": 1, "total": 2 * len(models) + 2}, dry.stdout
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    table = pd.read_csv(workdir / RESULTS / "tables" / "main_results.csv")
+    assert set(table["model"]) == set(models) and set(table["missing"]) == {"natural"}
+    assert set(table["task"]) == {"phenotyping", "mortality"}
+    assert not (workdir / RESULTS / "cxr").exists() and not (workdir / RESULTS / "pretrain").exists()
