@@ -49,7 +49,7 @@ rule ehr_tensor:
         "logs/{dataset}/ehr_tensor/{task}.log",
     benchmark:
         "benchmarks/{dataset}/ehr_tensor/{task}.tsv"
-    threads: 2  # pyarrow parses in parallel; chartevents and labevents stream concurrently
+    threads: 2  # pyarrow decompresses and parses in parallel with the filtering; >= 4: both tables at once
     conda:
         "../../envs/data.yaml"
     script:

@@ -9,6 +9,7 @@ z-scored with train-split statistics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections import Counter
@@ -30,6 +31,7 @@ log = logging.getLogger("ehrcxr.ehr")
 
 STAY_COLUMNS = ["stay_id", "subject_id", "hadm_id", "intime", "outtime", "los_hours", "split"]
 SPLITS = ("train", "val", "test")
+CONCURRENT_TABLES_MIN_THREADS = 4  # measured: on 2 cores streaming the tables one after the other is faster
 DROP_REASONS = ("unassigned", "outside_window", "non_numeric", "out_of_range", "unknown_gcs")
 
 # Unit conversions by itemid (MIMIC-IV MetaVision items).
@@ -136,16 +138,37 @@ def prepare_stays(stays: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _gcs_codes(text: pd.Series, variable: str, vocab: list[str], numbers: np.ndarray) -> np.ndarray:
-    """Vocabulary index of GCS rows: known text first (own category or via its score), then the score."""
+def _gcs_lookup(variable: str, vocab: tuple[str, ...]) -> tuple[dict[str, int], np.ndarray]:
+    """(lower-case text -> vocabulary index, score -> vocabulary index with -1 for no score) of a GCS component."""
     canonical = GCS_CANONICAL[variable]
-    by_text = text.str.lower().map({t: canonical[s] for t, s in GCS_TEXT_SCORE[variable].items()}
-                                   | {v.lower(): v for v in canonical.values()}
-                                   | GCS_OWN_CATEGORY.get(variable, {})).to_numpy(dtype=object)
-    whole = np.where(numbers == np.round(numbers), numbers, np.nan)
-    by_score = pd.Series(whole).map(canonical).to_numpy(dtype=object)
-    category = np.where(pd.isna(by_text), by_score, by_text)
-    return pd.Series(category).map({value: index for index, value in enumerate(vocab)}).to_numpy(dtype=np.float64)
+    index = {value: position for position, value in enumerate(vocab)}
+    by_text = ({t: canonical[score] for t, score in GCS_TEXT_SCORE[variable].items()}
+               | {v.lower(): v for v in canonical.values()} | GCS_OWN_CATEGORY.get(variable, {}))
+    by_score = np.full(max(canonical) + 1, -1)
+    by_score[list(canonical)] = [index[value] for value in canonical.values()]
+    return {text: index[value] for text, value in by_text.items()}, by_score
+
+
+def _gcs_codes(text: pd.Series, lookup: tuple[dict[str, int], np.ndarray], numbers: np.ndarray) -> np.ndarray:
+    """Vocabulary index of GCS rows: known text first (own category or via its score), then the score."""
+    by_text, by_score = lookup
+    from_text = text.str.lower().map(by_text).to_numpy(dtype=np.float64, na_value=np.nan)
+    score = np.where((numbers == np.round(numbers)) & (numbers >= 0) & (numbers < len(by_score)), numbers, 0)
+    from_score = np.where(np.isnan(numbers), -1, by_score[score.astype(np.int64)]).astype(np.float64)
+    from_score[from_score < 0] = np.nan
+    return np.where(np.isnan(from_text), from_score, from_text)
+
+
+@functools.lru_cache
+def _cleaning_tables(variables: tuple[str, ...], vocab: tuple[tuple[str, ...], ...]) -> tuple:
+    """Lookups for :func:`clean_events`: sorted itemids with their variable index, valid ranges per variable,
+    the GCS lookups per GCS variable index, and the variable index of each name."""
+    var_index = {v: i for i, v in enumerate(variables)}
+    item_map = itemids().drop_duplicates("itemid").sort_values("itemid")
+    ranges = variable_ranges().reindex(list(variables))
+    gcs = {var_index[name]: _gcs_lookup(name, vocab[var_index[name]]) for name in GCS_CANONICAL}
+    return (item_map["itemid"].to_numpy(), item_map["variable"].map(var_index).to_numpy(np.int64),
+            ranges["valid_low"].to_numpy(), ranges["valid_high"].to_numpy(), gcs, var_index)
 
 
 def clean_events(events: pd.DataFrame, layout: Channels, counts: dict[str, int],
@@ -153,13 +176,13 @@ def clean_events(events: pd.DataFrame, layout: Channels, counts: dict[str, int],
     """Map itemids to variables and turn every event into a ``code`` (value, or vocabulary index); bad rows are
     dropped and counted in ``counts`` (unknown GCS strings also in ``unknown_gcs``). Needs ``itemid``,
     ``value`` (text, read only where ``valuenum`` is empty or for GCS items) and ``valuenum``; keeps the index."""
-    item_map = itemids().drop_duplicates("itemid").set_index("itemid")["variable"]
-    var_index = {v: i for i, v in enumerate(layout.variables)}
+    sorted_items, item_variable, valid_low, valid_high, gcs_lookups, var_index = _cleaning_tables(
+        tuple(layout.variables), tuple(tuple(values) for values in layout.vocab))
     itemid = events["itemid"].to_numpy()
-    variable = item_map.reindex(itemid).map(var_index).to_numpy()
-    if np.isnan(variable).any():
-        raise ValueError(f"unmapped itemid {itemid[np.isnan(variable)][0]} reached cleaning")
-    variable = variable.astype(np.int64)
+    position = np.clip(np.searchsorted(sorted_items, itemid), 0, len(sorted_items) - 1)
+    if len(itemid) and (sorted_items[position] != itemid).any():
+        raise ValueError(f"unmapped itemid {itemid[sorted_items[position] != itemid][0]} reached cleaning")
+    variable = item_variable[position]
     numbers = events["valuenum"].to_numpy(dtype=np.float64, copy=True)
     text_rows = np.flatnonzero(events["value"].notna().to_numpy())
     text = events["value"].iloc[text_rows].astype(str).str.strip()
@@ -168,22 +191,22 @@ def clean_events(events: pd.DataFrame, layout: Channels, counts: dict[str, int],
 
     code = np.full(len(events), np.nan)
     gcs = np.zeros(len(events), dtype=bool)
-    full_text = pd.Series(pd.NA, index=pd.RangeIndex(len(events)), dtype="string")
-    full_text.iloc[text_rows] = text.to_numpy()
-    for name in GCS_CANONICAL:
-        rows = np.flatnonzero(variable == var_index[name])
+    full_text = np.full(len(events), None, dtype=object)
+    full_text[text_rows] = text.to_numpy(dtype=object)
+    for variable_index, lookup in gcs_lookups.items():
+        rows = np.flatnonzero(variable == variable_index)
         gcs[rows] = True
-        code[rows] = _gcs_codes(full_text.iloc[rows], name, layout.vocab[var_index[name]], numbers[rows])
+        code[rows] = _gcs_codes(pd.Series(full_text[rows], dtype=object), lookup, numbers[rows])
     unknown = gcs & np.isnan(code)
     counts["unknown_gcs"] += int(unknown.sum())
     if unknown_gcs is not None and unknown.any():
-        unknown_gcs.update(full_text.iloc[np.flatnonzero(unknown)].fillna("<empty>").tolist())
+        unknown_gcs.update("<empty>" if text is None else text for text in full_text[unknown])
 
     continuous = ~gcs
     bp_rows = np.flatnonzero(np.isin(variable, [var_index[SYSTOLIC], var_index[DIASTOLIC]]) & np.isnan(numbers)
-                             & full_text.notna().to_numpy())
+                             & (full_text != None))  # noqa: E711 (elementwise)
     if len(bp_rows):
-        pressure = full_text.iloc[bp_rows].str.extract(BP_PATTERN).astype("float64").to_numpy()
+        pressure = pd.Series(full_text[bp_rows], dtype=object).str.extract(BP_PATTERN).astype("float64").to_numpy()
         numbers[bp_rows] = np.where(variable[bp_rows] == var_index[SYSTOLIC], pressure[:, 0], pressure[:, 1])
     counts["non_numeric"] += int((continuous & np.isnan(numbers)).sum())
 
@@ -192,8 +215,7 @@ def clean_events(events: pd.DataFrame, layout: Channels, counts: dict[str, int],
     numbers = np.where(np.isin(itemid, INCH_ITEMS), numbers * CM_PER_INCH, numbers)
     numbers = np.where((variable == var_index[FIO2]) & (numbers > 1), numbers / 100.0, numbers)
     numbers = np.where((variable == var_index[SPO2]) & (numbers <= 1), numbers * 100.0, numbers)
-    ranges = variable_ranges().reindex(layout.variables)
-    low, high = ranges["valid_low"].to_numpy()[variable], ranges["valid_high"].to_numpy()[variable]
+    low, high = valid_low[variable], valid_high[variable]
     out_of_range = continuous & ~np.isnan(numbers) & ((numbers < low) | (numbers > high))
     counts["out_of_range"] += int(out_of_range.sum())
     code[continuous] = numbers[continuous]
@@ -203,26 +225,27 @@ def clean_events(events: pd.DataFrame, layout: Channels, counts: dict[str, int],
 
 def _forward_fill(grid: np.ndarray, normal_code: np.ndarray) -> np.ndarray:
     """Carry the last observation forward over hours; the normal code before the first observation."""
-    observed = ~np.isnan(grid)
-    last_seen = np.where(observed, np.arange(grid.shape[1])[None, :, None], -1)
-    last_seen = np.maximum.accumulate(last_seen, axis=1)
-    filled = np.take_along_axis(grid, np.clip(last_seen, 0, None), axis=1)
-    return np.where(last_seen >= 0, filled, normal_code[None, None, :])
+    by_hour = np.ascontiguousarray(np.moveaxis(grid, 1, 0))  # (hour, stay, variable): each hour contiguous
+    for hour in range(1, by_hour.shape[0]):
+        np.copyto(by_hour[hour], by_hour[hour - 1], where=np.isnan(by_hour[hour]))
+    np.copyto(by_hour, np.broadcast_to(normal_code, by_hour.shape), where=np.isnan(by_hour))
+    return np.ascontiguousarray(np.moveaxis(by_hour, 0, 1))
 
 
 def _encode(filled: np.ndarray, layout: Channels, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """(stay, hour, 59) float32 features: z-scored continuous values (mean/std per continuous variable, in
     :attr:`Channels.continuous_variables` order) and one-hot categorical codes."""
-    features = np.zeros(filled.shape[:2] + (len(layout.feature_names),), dtype=np.float32)
     scale = dict(zip(layout.continuous_variables, zip(mean, std)))
+    pieces = []
     for variable in range(len(layout.variables)):
-        columns = np.flatnonzero(layout.feature_variable == variable)
+        values = filled[:, :, variable]
         if variable in scale:
             variable_mean, variable_std = scale[variable]
-            features[:, :, columns[0]] = (filled[:, :, variable] - variable_mean) / variable_std
+            pieces.append(((values - variable_mean) / variable_std).astype(np.float32)[:, :, None])
         else:
-            features[:, :, columns] = filled[:, :, variable, None] == layout.feature_category[columns]
-    return features
+            categories = layout.feature_category[layout.feature_variable == variable]
+            pieces.append((values[:, :, None] == categories).astype(np.float32))
+    return np.concatenate(pieces, axis=2)
 
 
 def fit_normaliser(values: np.ndarray, valid: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -244,8 +267,9 @@ def extract_hourly_codes(mimic_iv_root: str | Path, cohort: pd.DataFrame, hours:
                          ) -> tuple[np.ndarray, dict[str, int]]:
     """(stay, hour, variable) code of the last clean event per bin (NaN: none) and the drop counts.
 
-    ``cohort`` comes from :func:`prepare_stays`. With ``threads`` >= 2 chartevents and labevents stream
-    concurrently; the result does not depend on it."""
+    ``cohort`` comes from :func:`prepare_stays`. With ``threads`` >= 4 chartevents and labevents stream
+    concurrently (each stream keeps ~2 cores busy: decompression, then parsing and filtering); the result does
+    not depend on it."""
     root = Path(mimic_iv_root)
     item_map = itemids()
     stays = event_stream.StayLookup(cohort, hours)
@@ -270,7 +294,7 @@ def extract_hourly_codes(mimic_iv_root: str | Path, cohort: pd.DataFrame, hours:
                         counts["unknown_gcs"], dict(unknown_gcs.most_common(10)))
         return counts
 
-    with ThreadPoolExecutor(max_workers=2 if threads >= 2 else 1) as pool:
+    with ThreadPoolExecutor(max_workers=2 if threads >= CONCURRENT_TABLES_MIN_THREADS else 1) as pool:
         per_table = list(pool.map(stream, event_stream.EVENT_TABLES))
     counts = {reason: sum(table_counts[reason] for table_counts in per_table) for reason in DROP_REASONS}
     return np.where(bins.order >= 0, bins.code, np.nan), counts
@@ -331,7 +355,7 @@ def run_ehr_tensor(mimic_iv_root: str | Path, stays_path: str | Path, task: str,
                    hours: int = 48, threads: int = 1) -> xr.Dataset:
     """Build the EHR tensor of ``task``'s cohort stays and write it as compressed NetCDF (h5netcdf).
 
-    ``threads`` sizes pyarrow's CSV parsing pool and lets chartevents and labevents stream concurrently."""
+    ``threads`` sizes pyarrow's CSV parsing pool; from 4 on chartevents and labevents stream concurrently."""
     pa.set_cpu_count(max(1, int(threads)))
     stays = task_stays(pd.read_parquet(stays_path), task)
     log.info("%s: %d stays (%s)", task, len(stays), stays["split"].value_counts().to_dict())
