@@ -1,14 +1,13 @@
 """Raw MIMIC readers: errors that name file/column/row, string ICD codes, CXR time and path helpers."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from ehrcxr.data import raw
+from ehrcxr.data import events, raw
 from ehrcxr.resources import CHEXPERT_LABELS
 from tiny_mimic import ADMISSIONS, ICUSTAYS, mimic_cxr_tables, mimic_iv_tables, mimic_iv_tables_as, write_tables
 
@@ -52,10 +51,6 @@ def test_truncated_gzip_names_the_file(tmp_path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(raw.RawDataError, match="icustays.csv.gz"):
         raw.read_table(tmp_path, "icustays")
-    with pytest.raises(raw.RawDataError, match=r"icustays.csv.gz: cannot be read after row (\d+)") as error:
-        list(raw.iter_table(tmp_path, "icustays", ["stay_id", "intime"], chunksize=1000))
-    rows_read = int(re.search(r"after row (\d+)", str(error.value)).group(1))  # whole chunks before the cut
-    assert rows_read % 1000 == 0 and 0 < rows_read < len(stays)
     path.write_bytes(data[:20])  # not even a header left
     with pytest.raises(raw.RawDataError, match="header of .*icustays.csv.gz"):
         raw.read_table(tmp_path, "icustays")
@@ -66,8 +61,6 @@ def test_missing_column_is_named(mimic_iv: Path) -> None:
     write_tables(mimic_iv, {"hosp/admissions": tables["hosp/admissions"].drop(columns=["race"])})
     with pytest.raises(raw.RawDataError, match=r"admissions.csv.gz: missing column\(s\) race"):
         raw.read_table(mimic_iv, "admissions")
-    with pytest.raises(raw.RawDataError, match=r"missing column\(s\) race"):
-        next(raw.iter_table(mimic_iv, "admissions", ["hadm_id", "race"]))
 
 
 def test_schema_check_lists_every_problem(mimic_iv: Path) -> None:
@@ -89,8 +82,6 @@ def test_non_numeric_id_names_column_and_row(tmp_path: Path) -> None:
     write_tables(tmp_path, {"icu/icustays": stays})
     with pytest.raises(raw.RawDataError, match=r"icustays.csv.gz: column 'stay_id', data row 4501: value 'abc'"):
         raw.read_table(tmp_path, "icustays")
-    with pytest.raises(raw.RawDataError, match=r"icustays.csv.gz \(after row 4000\): column 'stay_id', data row 4501"):
-        list(raw.iter_table(tmp_path, "icustays", ["stay_id", "intime"], chunksize=1000))
 
 
 def test_unparsable_timestamp_names_column_and_row(tmp_path: Path) -> None:
@@ -100,17 +91,6 @@ def test_unparsable_timestamp_names_column_and_row(tmp_path: Path) -> None:
     expected = r"icustays.csv.gz: column 'intime', data row 4501: cannot parse timestamp '2150-13-45 10:00:00'"
     with pytest.raises(raw.RawDataError, match=expected):
         raw.read_table(tmp_path, "icustays")
-    with pytest.raises(raw.RawDataError, match=expected):
-        list(raw.iter_table(tmp_path, "icustays", ["stay_id", "intime"], chunksize=1000))
-
-
-def test_iter_table_chunks_cover_the_table_and_skip_unrequested_timestamps(tmp_path: Path) -> None:
-    _, stays = _write_many_icustays(tmp_path, copies=10)
-    chunks = list(raw.iter_table(tmp_path, "icustays", ["stay_id", "intime"], chunksize=40))
-    assert [len(c) for c in chunks] == [40, 40, 30]
-    combined = pd.concat(chunks, ignore_index=True)
-    assert combined["stay_id"].tolist() == list(range(1, 111))
-    assert combined["intime"].iloc[0] == pd.Timestamp("2150-01-01 10:00:00")
 
 
 def test_chexpert_labels_are_floats_with_blanks_as_nan(tmp_path: Path) -> None:
@@ -166,10 +146,11 @@ def test_every_release_layout_reads_as_canonical_v2_tables(tmp_path: Path, relea
     assert admissions["race"].isna().tolist() == ADMISSIONS["race"].isna().tolist()  # 10000009's race is blank
     assert raw.read_header(raw.table_path(tmp_path / release, raw.MIMIC_IV_TABLES["admissions"]),
                            raw.MIMIC_IV_TABLES["admissions"]).count("race") == 1
-    chunks = list(raw.iter_table(tmp_path / release, "chartevents", ["stay_id", "charttime", "itemid", "valuenum"],
-                                 chunksize=4))
-    assert [len(c) for c in chunks] == [4, 4, 1]
-    assert pd.concat(chunks)["valuenum"].tolist() == [70.0, 80.0, 120.0, 4.0, 90.0, 98.6, 100.0, 50.0, 110.0]
+    chart = raw.table_path(tmp_path / release, raw.MIMIC_IV_TABLES["chartevents"])
+    blocks = list(events.iter_blocks(chart, ["stay_id", "charttime", "itemid", "valuenum"], block_size=256))
+    assert len(blocks) > 1 and [first for _, first in blocks][0] == 0
+    valuenum = [v for block, _ in blocks for v in block.column("valuenum").to_pylist()]
+    assert valuenum == [70.0, 80.0, 120.0, 4.0, 90.0, 98.6, 100.0, 50.0, 110.0]
 
 
 @pytest.mark.parametrize("release,suffix", RELEASES)

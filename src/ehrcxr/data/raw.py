@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import pandas as pd
 
@@ -183,12 +183,11 @@ def _locate(root: str | Path, spec: TableSpec, columns: Iterable[str]) -> tuple[
     return path, {c: in_file.get(c, c) for c in columns}
 
 
-def _convert(frame: pd.DataFrame, spec: TableSpec, path: Path, names: dict[str, str],
-             row_offset: int = 0) -> pd.DataFrame:
+def _convert(frame: pd.DataFrame, spec: TableSpec, path: Path, names: dict[str, str]) -> pd.DataFrame:
     frame = frame.rename(columns={name: c for c, name in names.items() if name != c})
     for column in spec.timestamps:
         if column in frame.columns:
-            frame[column] = parse_timestamps(frame[column], path, names[column], row_offset)
+            frame[column] = parse_timestamps(frame[column], path, names[column])
     return frame
 
 
@@ -212,25 +211,6 @@ def read_table(root: str | Path, name: str, columns: Iterable[str] | None = None
     return _convert(frame, spec, path, names)
 
 
-def iter_table(root: str | Path, name: str, columns: Iterable[str], chunksize: int = 1_000_000,
-               specs: dict[str, TableSpec] = MIMIC_IV_TABLES) -> Iterator[pd.DataFrame]:
-    """Stream a (large) table in chunks of ``chunksize`` rows, converted like :func:`read_table`."""
-    spec = specs[name]
-    path, names = _locate(root, spec, columns)
-    offset = 0
-    try:
-        for chunk in pd.read_csv(path, usecols=list(names.values()), dtype=_dtypes(spec, names),
-                                 chunksize=chunksize, **NA_ONLY_EMPTY):
-            yield _convert(chunk, spec, path, names, offset)
-            offset += len(chunk)
-    except RawDataError:
-        raise
-    except (ValueError, TypeError) as error:
-        raise RawDataError(f"{path} (after row {offset}): {_which_column(path, names, spec)}: {error}") from error
-    except Exception as error:
-        raise RawDataError(f"{path}: cannot be read after row {offset} ({type(error).__name__}: {error})") from error
-
-
 def _which_column(path: Path, names: dict[str, str], spec: TableSpec) -> str:
     """Find the column whose values do not fit the expected dtype (re-reads as text; only on error)."""
     text = pd.read_csv(path, usecols=list(names.values()), dtype=str, **NA_ONLY_EMPTY)
@@ -247,14 +227,14 @@ def _which_column(path: Path, names: dict[str, str], spec: TableSpec) -> str:
     return "unexpected values"
 
 
-def parse_timestamps(values: pd.Series, path: Path | str, column: str, row_offset: int = 0) -> pd.Series:
+def parse_timestamps(values: pd.Series, path: Path | str, column: str) -> pd.Series:
     """Parse MIMIC 'YYYY-MM-DD HH:MM:SS' timestamps; empty stays NaT, anything else unparsable is an error."""
     parsed = pd.to_datetime(values, format="mixed", errors="coerce")
     bad = parsed.isna() & values.notna() & (values.astype("string").str.strip() != "")
     if bad.any():
         row = int(bad.to_numpy().argmax())
         raise RawDataError(
-            f"{path}: column {column!r}, data row {row_offset + row + 1}: cannot parse timestamp {values.iloc[row]!r}")
+            f"{path}: column {column!r}, data row {row + 1}: cannot parse timestamp {values.iloc[row]!r}")
     return parsed
 
 
