@@ -117,3 +117,24 @@ def test_duplicate_charting_at_the_same_time_keeps_the_later_row(tmp_path):
         stats = json.loads(dataset.attrs["normaliser"])["Heart Rate"]
         value = dataset["values"].sel(feature="Heart Rate").values[list(dataset["stay_id"].values).index(300), 20]
         assert value * stats["std"] + stats["mean"] == pytest.approx(72.0, abs=1e-4)
+
+
+def test_lab_text_values_parse_when_numeric_and_count_when_not(tmp_path):
+    h = pd.Timedelta(hours=1)
+    t3 = stays_frame().set_index("stay_id").loc[400, "intime"]  # test stay 400: subject 30, hadm 300
+    labs = lab_rows() + [
+        {"subject_id": 30, "hadm_id": 300, "charttime": str(t3 + 2.5 * h), "itemid": 50820, "value": " 7.31 ",
+         "valuenum": np.nan, "valueuom": "units"},                       # pH as text only: parsed, hour 2
+        {"subject_id": 30, "hadm_id": 300, "charttime": str(t3 + 3.5 * h), "itemid": 50931, "value": "___",
+         "valuenum": np.nan, "valueuom": "mg/dL"},                       # de-identified / unusable: counted
+        {"subject_id": 30, "hadm_id": 300, "charttime": str(t3 + 4.5 * h), "itemid": 50931, "value": "ERROR",
+         "valuenum": np.nan, "valueuom": "mg/dL"}]
+    write_tables(tmp_path, chart_rows(), labs)
+    dataset = ehr.build_ehr_tensor(tmp_path, stays_frame(), block_size=300)
+    assert dataset.attrs["dropped_non_numeric"] == 1 + 2   # the fixture's HR 'error' + two glucose texts
+    stay = list(dataset["stay_id"].values).index(400)
+    stats = json.loads(dataset.attrs["normaliser"])["pH"]
+    ph = dataset["values"].sel(feature="pH").values[stay]
+    assert ph[2] * stats["std"] + stats["mean"] == pytest.approx(7.31, abs=1e-4)
+    assert dataset["mask"].sel(variable="pH").values[stay, 2] == 1
+    assert dataset["mask"].sel(variable="Glucose").values[stay, [3, 4]].tolist() == [0, 0]
