@@ -235,17 +235,16 @@ def _forward_fill(grid: np.ndarray, normal_code: np.ndarray) -> np.ndarray:
 def _encode(filled: np.ndarray, layout: Channels, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """(stay, hour, 59) float32 features: z-scored continuous values (mean/std per continuous variable, in
     :attr:`Channels.continuous_variables` order) and one-hot categorical codes."""
+    features = np.empty(filled.shape[:2] + (len(layout.feature_names),), dtype=np.float32)
     scale = dict(zip(layout.continuous_variables, zip(mean, std)))
-    pieces = []
     for variable in range(len(layout.variables)):
-        values = filled[:, :, variable]
+        columns = np.flatnonzero(layout.feature_variable == variable)
         if variable in scale:
             variable_mean, variable_std = scale[variable]
-            pieces.append(((values - variable_mean) / variable_std).astype(np.float32)[:, :, None])
+            features[:, :, columns[0]] = (filled[:, :, variable] - variable_mean) / variable_std
         else:
-            categories = layout.feature_category[layout.feature_variable == variable]
-            pieces.append((values[:, :, None] == categories).astype(np.float32))
-    return np.concatenate(pieces, axis=2)
+            features[:, :, columns] = filled[:, :, variable, None] == layout.feature_category[columns]
+    return features
 
 
 def fit_normaliser(values: np.ndarray, valid: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
