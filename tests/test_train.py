@@ -16,7 +16,7 @@ from ehrcxr.data.datasets import load_cell_data
 from ehrcxr.models import ModelOutput, create_model, register
 from ehrcxr.models.encoders import CXRBackbone
 from ehrcxr.resources import CHEXPERT_LABELS
-from ehrcxr.train.cell import run_cell
+from ehrcxr.train.cell import run_cell, run_key
 from ehrcxr.train.loop import fit, macro_scores, precompute_cxr_features, predict, seed_everything
 from ehrcxr.train.pretrain import chexpert_image_labels, pretrain_cxr
 
@@ -324,3 +324,60 @@ def test_macro_scores_of_one_label_many_labels_and_an_empty_set():
     # an empty paired test set (no X-rays at all): undefined, not a crash
     assert all(np.isnan(v) for v in macro_scores(np.zeros((0, 25)), np.zeros((0, 25))))
     assert all(np.isnan(v) for v in macro_scores(np.zeros(0), np.zeros(0)))
+
+
+def test_checkpoint_of_other_settings_or_unreadable_is_ignored(tmp_path, caplog):
+    files = write_cell_files(tmp_path)
+    _fit_tiny(files, tmp_path / "run", epochs=2, lr=0.05, run_key="settings-a")
+    with caplog.at_level(logging.WARNING, logger="ehrcxr.train"):
+        model, data, result = _fit_tiny(files, tmp_path / "run", epochs=3, run_key="settings-b")
+    assert "written for other settings or inputs" in caplog.text
+    fresh_model, _, _ = _fit_tiny(files, tmp_path / "fresh", epochs=3, run_key="settings-b")
+    history = pd.read_csv(tmp_path / "run" / "history.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(history, pd.read_csv(tmp_path / "fresh" / "history.csv").drop(columns="seconds"))
+    assert history["epoch"].tolist() == [1, 2, 3] and result.epochs_run == 3
+    test = data.splits["partial_test"]
+    np.testing.assert_array_equal(predict(model, test, 64, "cpu"), predict(fresh_model, test, 64, "cpu"))
+
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ehrcxr.train"):
+        _, _, result = _fit_tiny(files, tmp_path / "run", epochs=3, run_key="settings-b")
+    assert "ignoring unreadable checkpoint" in caplog.text and result.epochs_run == 3
+
+
+def test_run_key_tracks_settings_and_inputs_but_not_the_device(tmp_path):
+    stays, ehr = tmp_path / "stays.parquet", tmp_path / "ehr.nc"
+    stays.write_bytes(b"a")
+    ehr.write_bytes(b"b")
+    inputs = {"stays": str(stays), "ehr": str(ehr)}
+    args = ("mortality", "ehr_lstm", "natural", 1, {"params": {"hidden": 8}}, {}, {"lr": 0.1, "device": "cpu"})
+    key = run_key(inputs, *args)
+    assert run_key(inputs, *args[:-1], {"lr": 0.1, "device": "cuda"}) == key
+    assert run_key(inputs, *args[:-1], {"lr": 0.2, "device": "cpu"}) != key
+    assert run_key(inputs, *args[:4], {"params": {"hidden": 16}}, *args[5:]) != key
+    ehr.write_bytes(b"bb")  # a regenerated input
+    assert run_key(inputs, *args) != key
+
+
+def test_shuffle_order_depends_only_on_the_sampler_generator():
+    """Creating extra iterators (as worker start-up or a resumed run does) must not shift the order."""
+    from ehrcxr.train.loop import _loader
+
+    class Items(torch.utils.data.Dataset):
+        collate = staticmethod(lambda items: list(items))
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            return index
+
+    def order(extra_iterators: int) -> list[int]:
+        loader = _loader(Items(), 10, torch.device("cpu"), 1, torch.Generator().manual_seed(3))
+        for _ in range(extra_iterators):
+            iter(loader)
+        return next(iter(loader))
+
+    assert sorted(order(0)) == list(range(10)) and order(0) != list(range(10))
+    assert order(2) == order(0)

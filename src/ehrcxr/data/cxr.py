@@ -8,16 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 log = logging.getLogger("ehrcxr.cxr")
 
 FRONTAL_VIEWS = ("AP", "PA")
 STATUSES = ("ok", "missing", "corrupt")
-# Images are stored as uint8 and served to models as (x / 255 - PIXEL_MEAN) / PIXEL_STD.
-PIXEL_MEAN = 0.5
-PIXEL_STD = 0.25
 CHUNK_SIZE = 256
 
 
@@ -155,9 +151,3 @@ def load_cxr_cache(images_path: str | Path, index_path: str | Path) -> tuple[np.
     if len(index) and int(index["row"].max()) >= images.shape[0]:
         raise ValueError(f"{index_path}: row {int(index['row'].max())} beyond {images.shape[0]} cached images")
     return images, index
-
-
-def normalise_images(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 (B, S, S) pixels -> float32 (B, 1, S, S) tensor scaled as (x / 255 - 0.5) / 0.25."""
-    images = torch.from_numpy(np.ascontiguousarray(pixels)).float().unsqueeze(1)
-    return (images / 255.0 - PIXEL_MEAN) / PIXEL_STD

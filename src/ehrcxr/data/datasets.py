@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from ehrcxr.data.cxr import load_cxr_cache, normalise_images
+from ehrcxr.data.cxr import load_cxr_cache
 from ehrcxr.data.tasks import task_labels, task_stays
 from ehrcxr.models.base import Batch
 
@@ -20,6 +20,18 @@ log = logging.getLogger("ehrcxr.data")
 SPLITS = ("train", "val", "paired_test", "partial_test")
 EVAL_SETS = ("paired_test", "partial_test")
 _MISS_PATTERN = re.compile(r"^miss(\d+(?:\.\d*)?|\.\d+)$")
+
+
+
+# Images are cached as uint8 and served to models as (x / 255 - PIXEL_MEAN) / PIXEL_STD.
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.25
+
+
+def normalise_images(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (B, S, S) pixels -> float32 (B, 1, S, S) tensor scaled as (x / 255 - 0.5) / 0.25."""
+    images = torch.from_numpy(np.ascontiguousarray(pixels)).float().unsqueeze(1)
+    return (images / 255.0 - PIXEL_MEAN) / PIXEL_STD
 
 
 def parse_missing(missing: str) -> float | None:

@@ -1,6 +1,7 @@
 """One benchmark cell: (task, model, missing, seed) -> trained model, test predictions and metrics."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -20,6 +21,17 @@ TRAIN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "patience")
 
 def _json_number(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+def run_key(inputs: dict, task: str, model: str, missing: str, seed: int, model_params: dict, cxr_params: dict,
+            train_params: dict) -> str:
+    """Digest of what a cell's training depends on: its settings (not the device) and the size and
+    modification time of each input file. A checkpoint is resumed only under the same key."""
+    settings = {"task": task, "model": model, "missing": missing, "seed": seed, "model_params": model_params,
+                "cxr": cxr_params, "train": {k: v for k, v in train_params.items() if k != "device"},
+                "inputs": {name: [str(path), Path(path).stat().st_size, Path(path).stat().st_mtime_ns]
+                           for name, path in sorted(inputs.items()) if path}}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def run_cell(inputs: dict, out_dir: str | Path, task: str, model: str, missing: str, seed: int,
@@ -59,7 +71,8 @@ def run_cell(inputs: dict, out_dir: str | Path, task: str, model: str, missing: 
     result = fit(network, data, out_dir, epochs=int(train_params["epochs"]),
                  batch_size=int(train_params["batch_size"]), lr=float(train_params["lr"]),
                  weight_decay=float(train_params["weight_decay"]), patience=int(train_params["patience"]),
-                 seed=seed, device=device, threads=threads, log=log)
+                 seed=seed, device=device, threads=threads, log=log,
+                 run_key=run_key(inputs, task, model, missing, seed, model_params, cxr_params, train_params))
 
     resolved = resolve_device(device)
     frames, metrics = [], {}

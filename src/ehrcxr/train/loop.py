@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ehrcxr.data.datasets import CellData, StaySet
+from ehrcxr.data.datasets import CellData, StaySet, normalise_images
 from ehrcxr.evaluate.metrics import macro
 from ehrcxr.models.base import Batch
 
@@ -80,13 +80,15 @@ def macro_scores(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, 
 
 def _loader(stay_set: StaySet, batch_size: int, device: torch.device, threads: int,
             generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
-    """DataLoader over ``stay_set`` (shuffled when a generator is given) collating whole Batches."""
+    """DataLoader over ``stay_set`` collating whole Batches; shuffled by a sampler that draws only from
+    ``generator`` (when given), so the order of a resumed run does not depend on how many iterators (and
+    worker seeds) earlier epochs created."""
     cuda = device.type == "cuda"
     workers = max(1, min(int(threads), 8)) if cuda else 0
+    sampler = torch.utils.data.RandomSampler(stay_set, generator=generator) if generator is not None else None
     return torch.utils.data.DataLoader(
-        stay_set, batch_size=batch_size, shuffle=generator is not None, generator=generator,
-        collate_fn=stay_set.collate, num_workers=workers, pin_memory=cuda,
-        persistent_workers=workers > 0)
+        stay_set, batch_size=batch_size, sampler=sampler, collate_fn=stay_set.collate, num_workers=workers,
+        pin_memory=cuda, persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -134,7 +136,6 @@ def precompute_cxr_features(model: nn.Module, data: CellData, device: torch.devi
     """If ``model`` has a frozen CXR prefix, run it once over the cache rows the cell needs and make every
     StaySet serve those features; returns the seconds taken (0 when nothing was done)."""
     from ehrcxr.models.encoders import frozen_cxr_prefix
-    from ehrcxr.data.cxr import normalise_images
 
     prefix = frozen_cxr_prefix(model)
     if prefix is None or data.images is None:
@@ -192,6 +193,22 @@ def _atomic_save(obj, path: Path) -> None:
     write_atomic(path, lambda temporary: torch.save(obj, temporary))
 
 
+def _load_checkpoint(path: Path, run_key: str, log: logging.Logger) -> dict | None:
+    """The checkpoint at ``path`` if it exists, loads and was written under ``run_key``; else None (logged)."""
+    if not path.exists():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a checkpoint from another torch version or a damaged file
+        log.warning("ignoring unreadable checkpoint %s (%s: %s); training from the start",
+                    path, type(error).__name__, error)
+        return None
+    if checkpoint.get("run_key") != run_key:
+        log.warning("ignoring checkpoint %s: written for other settings or inputs; training from the start", path)
+        return None
+    return checkpoint
+
+
 def _write_history(rows: list[dict], path: Path) -> pd.DataFrame:
     history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
     write_atomic(path, lambda temporary: history.to_csv(temporary, index=False))
@@ -200,10 +217,12 @@ def _write_history(rows: list[dict], path: Path) -> pd.DataFrame:
 
 def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, batch_size: int, lr: float,
         weight_decay: float, patience: int, seed: int, device: str = "auto", threads: int = 1,
-        log: logging.Logger | None = None) -> FitResult:
+        run_key: str = "", log: logging.Logger | None = None) -> FitResult:
     """Train ``model`` on ``data`` 'train', select the epoch with the best 'val' macro AUPRC, stop after
     ``patience`` epochs without gain. Writes ``model.pt`` (best state), ``checkpoint.pt`` (every epoch,
-    atomically; resumed from when present) and ``history.csv`` into ``out_dir``."""
+    atomically) and ``history.csv`` into ``out_dir``. A checkpoint there is resumed from only when it was
+    written under the same ``run_key`` (a digest of the cell's settings and inputs); otherwise training
+    starts over."""
     log = log or logging.getLogger("ehrcxr.train")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,8 +249,8 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
     start_epoch, best_epoch, best_score, stale = 1, 0, float("-inf"), 0
     best_state: dict | None = None
     history: list[dict] = []
-    if checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    checkpoint = _load_checkpoint(checkpoint_path, run_key, log)
+    if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimiser.load_state_dict(checkpoint["optimiser"])
         start_epoch = checkpoint["epoch"] + 1
@@ -274,7 +293,8 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
                         "val_auprc": val_auprc, "val_auroc": val_auroc, "seconds": seconds})
         _atomic_save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "epoch": epoch,
                       "best_epoch": best_epoch, "best_score": best_score, "stale": stale,
-                      "best_state": best_state, "history": history, "rng": _rng_state(generator)},
+                      "best_state": best_state, "history": history, "rng": _rng_state(generator),
+                      "run_key": run_key},
                      checkpoint_path)
         _write_history(history, history_path)
         log.info("epoch %d: train loss %.4f, val loss %.4f, val AUPRC %.4f, val AUROC %.4f (best epoch %d) %.1f s",

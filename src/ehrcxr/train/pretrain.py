@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ehrcxr.data.cxr import FRONTAL_VIEWS, load_cxr_cache, normalise_images
+from ehrcxr.data.cxr import FRONTAL_VIEWS, load_cxr_cache
+from ehrcxr.data.datasets import normalise_images
 from ehrcxr.models.encoders import CXRBackbone
 from ehrcxr.resources import CHEXPERT_LABELS
 from ehrcxr.train.loop import autocast, configure_device, macro_scores, resolve_device, seed_everything
