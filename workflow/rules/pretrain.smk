@@ -8,7 +8,7 @@ rule pretrain_cxr:
         encoder="results/{dataset}/pretrain/cxr_encoder.pt",
         history="results/{dataset}/pretrain/history.csv",
     params:
-        cxr=config["cxr"],
+        cxr={key: config["cxr"][key] for key in ("depth", "weights")},  # not frozen_stages: a training setting
         pretrain=config["pretrain"],
         seed=config["seeds"][0],
         device=config["train"]["device"],

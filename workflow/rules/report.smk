@@ -14,3 +14,24 @@ rule aggregate:
         "../../envs/report.yaml"
     script:
         "../../scripts/aggregate.py"
+
+
+# The main tables need every cell. After `snakemake --keep-going` left failed cells, this target tabulates the
+# cells that finished and lists the missing ones (task/model/missing/seed) at the top of the Markdown.
+rule aggregate_available:
+    input:
+        unpack(available_aggregate_inputs),
+    output:
+        csv=f"{RESULTS}/tables/available_results.csv",
+        md=f"{RESULTS}/tables/available_results.md",
+    params:
+        evaluate=config["evaluate"],
+        runs=grid_runs(),
+    log:
+        f"logs/{DATASET}/aggregate_available.log",
+    benchmark:
+        f"benchmarks/{DATASET}/aggregate_available.tsv"
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../../scripts/aggregate_available.py"

@@ -2,6 +2,7 @@
 
 Runs are grouped by (task, model, missing); the seeds of a group are pooled (see
 :func:`ehrcxr.evaluate.bootstrap.bootstrap_ci`) on each evaluation set. Only aggregates are written.
+With ``allow_missing`` the runs without outputs (failed cells) are left out and listed at the top of the Markdown.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ EVAL_SETS = ("paired_test", "partial_test")
 COLUMNS = ["task", "model", "missing", "eval_set", "metric", "estimate", "ci_low", "ci_high", "n_seeds"]
 ORACLE_MODEL, ORACLE_MISSING = "oracle", "—"
 _RUN_KEYS = ("task", "model", "missing", "seed", "labels")
+RUN_OUTPUTS = ("metrics.json", "predictions.parquet")
 
 
 @dataclass
@@ -106,19 +108,35 @@ def _as_run_dirs(paths) -> list[Path]:
     return list(dirs)
 
 
-def _load_runs(run_dirs, allow_missing: bool) -> list[Run]:
-    runs = []
+def _absent_outputs(run_dir: Path) -> list[str]:
+    return [name for name in RUN_OUTPUTS if not (run_dir / name).is_file()]
+
+
+def _run_identity(run_dir: str | Path) -> dict:
+    """task, model, missing and seed of a run directory laid out as ``…/{task}/{model}/{missing}/seed{seed}``
+    (read from the path, since a failed run has no metrics.json); '?' where the path does not follow it."""
+    parts = Path(run_dir).parts
+    if len(parts) >= 4 and re.fullmatch(r"seed\d+", parts[-1]):
+        return dict(task=parts[-4], model=parts[-3], missing=parts[-2], seed=int(parts[-1][len("seed"):]))
+    return dict(task="?", model="?", missing="?", seed="?")
+
+
+def _load_runs(run_dirs, allow_missing: bool) -> tuple[list[Run], list[Path]]:
+    """The complete runs, and the run directories left out because they lack outputs (``allow_missing``)."""
+    runs, missing = [], []
     for run_dir in _as_run_dirs(run_dirs):
-        absent = [f for f in ("metrics.json", "predictions.parquet") if not (run_dir / f).is_file()]
+        absent = _absent_outputs(run_dir)
         if absent:
             if not allow_missing:
                 raise FileNotFoundError(f"run {run_dir} lacks {absent}")
             log.warning("skipping run %s: it lacks %s", run_dir, absent)
+            missing.append(run_dir)
             continue
         runs.append(load_run(run_dir))
     if not runs:
-        raise ValueError("no complete runs to aggregate")
-    return runs
+        detail = f": all {len(missing)} run directories lack {list(RUN_OUTPUTS)}" if missing else ""
+        raise ValueError(f"no complete runs to aggregate{detail}")
+    return runs, missing
 
 
 def _group_runs(runs: list[Run]) -> dict[tuple[str, str, str], list[Run]]:
@@ -160,6 +178,24 @@ def _pooled_arrays(members: list[Run], eval_set: str) -> tuple[np.ndarray, np.nd
                              f"{stay_ids[stay]} in {run.path} vs {members[0].path}")
         p_by_seed.append(rows[[f"p_{label}" for label in labels]].to_numpy(dtype=np.float64))
     return stay_ids, y, p_by_seed
+
+
+def _check_eval_sets_agree(groups: dict[tuple[str, str, str], list[Run]]) -> None:
+    """Every model and missing setting of a task is scored on the same test stays (they depend on the cohort
+    and on which images are usable only); a run trained on an older cohort or CXR index breaks this."""
+    for task in sorted({key[0] for key in groups}):
+        runs = [groups[key][0] for key in sorted(groups) if key[0] == task]
+        for eval_set in EVAL_SETS:
+            reference = runs[0].eval_set(eval_set)["stay_id"].to_numpy()
+            for run in runs[1:]:
+                ids = run.eval_set(eval_set)["stay_id"].to_numpy()
+                if ids.shape != reference.shape or (ids != reference).any():
+                    raise ValueError(
+                        f"{eval_set} stays of task {task} differ between runs: {run.path} has {ids.size}, "
+                        f"{runs[0].path} has {reference.size} ({np.setdiff1d(ids, reference).size} only in the "
+                        f"first, {np.setdiff1d(reference, ids).size} only in the second); one of them was trained "
+                        "on another cohort or CXR index: delete the older run directory and rerun"
+                    )
 
 
 def _metric_rows(key, eval_set, labels, y, p_by_seed, *, n_boot, ci, seed) -> list[dict]:
@@ -226,14 +262,31 @@ def _format_ci(row) -> str:
     return f"{row.estimate:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
 
 
-def render_markdown(table: pd.DataFrame, *, ci: float = 0.95, n_boot: int = 1000) -> str:
-    """Markdown of the macro metrics: one section per task × eval_set, models × missing settings."""
+def _missing_section(missing: list[Path], n_runs: int) -> list[str]:
+    if not missing:
+        return ["", f"No missing cells: all {n_runs} runs of the grid are present."]
+    rows = pd.DataFrame([{**_run_identity(run_dir), "run directory": str(run_dir)} for run_dir in missing])
+    return ["", f"## Missing cells: {len(missing)} of {n_runs} runs", "",
+            f"These runs lack {' or '.join(RUN_OUTPUTS)} (failed or not run) and are left out of every table "
+            "below; a (task, model, missing) group that lost only some seeds is pooled over the rest (n_seeds "
+            "in the CSV).", "", rows.to_markdown(index=False)]
+
+
+def render_markdown(table: pd.DataFrame, *, ci: float = 0.95, n_boot: int = 1000,
+                    missing_runs: list[Path] | None = None, n_runs: int = 0) -> str:
+    """Markdown of the macro metrics: one section per task × eval_set, models × missing settings.
+
+    With ``missing_runs`` (a list, possibly empty, of the ``n_runs`` run directories) the page is titled
+    'Available results' and first lists the runs that lack outputs, one row per task/model/missing/seed.
+    """
     lines = [
-        "# Main results",
+        "# Main results" if missing_runs is None else "# Available results",
         "",
         f"Estimate [{ci:.0%} CI]: mean over training seeds of the macro metric on the test stays; "
         f"percentile bootstrap over stays ({n_boot} resamples, shared by all seeds).",
     ]
+    if missing_runs is not None:
+        lines += _missing_section(missing_runs, n_runs)
     macro = table[table["metric"].isin(list(METRICS))]
     for (task, eval_set), section in macro.groupby(["task", "eval_set"], sort=True):
         lines += ["", f"## {task} — {eval_set}"]
@@ -268,10 +321,13 @@ def aggregate_runs(
     For each eval set the table holds macro ``auroc``/``auprc`` with bootstrap CIs and, for multi-label
     tasks, ``<metric>:<label>`` rows. ``oracle_path`` (synthetic data) adds rows model='oracle',
     missing='—' scored on the stays of each task's eval sets (taken from a ``natural`` run when there is
-    one). ``allow_missing`` skips run directories without predictions instead of failing.
+    one). ``allow_missing`` skips run directories without metrics.json or predictions.parquet instead of
+    failing, logs them and lists them (task/model/missing/seed) at the top of the Markdown, which is then
+    titled 'Available results'. Every group of a task must be scored on the same test stays.
     Returns the long-form table (columns :data:`COLUMNS`).
     """
-    groups = _group_runs(_load_runs(run_dirs, allow_missing))
+    runs, missing = _load_runs(run_dirs, allow_missing)
+    groups = _group_runs(runs)
     rows = []
     for key in sorted(groups):
         members = groups[key]
@@ -281,6 +337,7 @@ def aggregate_runs(
             _, y, p_by_seed = _pooled_arrays(members, eval_set)
             rows += _metric_rows(key, eval_set, members[0].labels, y, p_by_seed, n_boot=n_boot, ci=ci, seed=seed)
         log.info("aggregated %s over seeds %s", key, [r.seed for r in members])
+    _check_eval_sets_agree(groups)
     if oracle_path is not None:
         rows += _oracle_rows(groups, Path(oracle_path), n_boot=n_boot, ci=ci, seed=seed)
     table = pd.DataFrame(rows, columns=COLUMNS)
@@ -289,15 +346,21 @@ def aggregate_runs(
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_csv, index=False)
-    out_md.write_text(render_markdown(table, ci=ci, n_boot=n_boot))
+    out_md.write_text(render_markdown(table, ci=ci, n_boot=n_boot, missing_runs=missing if allow_missing else None,
+                                      n_runs=len(runs) + len(missing)))
     log.info("wrote %d rows to %s and %s", len(table), out_csv, out_md)
+    if missing:
+        log.warning("%d of %d runs are missing and left out of the tables: %s", len(missing),
+                    len(runs) + len(missing), ", ".join(map(str, missing)))
     return table
 
 
-def run_aggregate(run_dirs, out_csv, out_md, oracle_path, params: dict) -> pd.DataFrame:
-    """Workflow entry point: ``params`` is the config ``evaluate:`` section (n_bootstrap, ci, seed)."""
+def run_aggregate(run_dirs, out_csv, out_md, oracle_path, params: dict, allow_missing: bool = False) -> pd.DataFrame:
+    """Workflow entry point: ``params`` is the config ``evaluate:`` section (n_bootstrap, ci, seed);
+    ``allow_missing`` tabulates the runs that have outputs and lists the others (see :func:`aggregate_runs`)."""
     absent = [k for k in ("n_bootstrap", "ci", "seed") if k not in params]
     if absent:
         raise ValueError(f"config evaluate: section lacks {absent}")
     return aggregate_runs(run_dirs, out_csv, out_md, oracle_path=oracle_path or None,
-                          n_boot=int(params["n_bootstrap"]), ci=float(params["ci"]), seed=int(params["seed"]))
+                          n_boot=int(params["n_bootstrap"]), ci=float(params["ci"]), seed=int(params["seed"]),
+                          allow_missing=allow_missing)
