@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from slurm_cluster import SlurmCluster, missing_programs, start_cluster
+from test_workflow import tiny_config as workflow_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
@@ -53,12 +54,10 @@ pytestmark = pytest.mark.skipif(bool(missing_programs()), reason=(
 
 
 def tiny_config() -> dict:
-    """The default config cut to 8 jobs: one task, one EHR-only and one fusion model, natural missingness."""
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["synthetic"].update(n_stays=200, image_size=64)
-    config["cxr"].update(image_size=64, frozen_stages=3)
-    config["pretrain"].update(epochs=1)
-    config["train"].update(epochs=1, patience=1)
+    """The end-to-end test's config cut to 8 jobs: one task, one EHR-only and one fusion model, natural."""
+    config = workflow_tiny_config()
+    config["synthetic"].update(n_stays=200)
+    config["train"].update(epochs=1)
     config["tasks"] = ["mortality"]
     config["models"] = {name: config["models"][name] for name in ("ehr_lstm", "late_fusion")}
     config["missing"] = ["natural"]
