@@ -131,7 +131,7 @@ def test_absent_paired_image_leaves_only_its_stay_without_cxr(flat_tiny, tmp_pat
     assert (summary["n_images"], summary["ok"], summary["missing"], summary["corrupt"]) == (11, 10, 1, 0)
     assert f"missing CXR image {images_root / 's3-ap-plus10h.jpg'}" in caplog.text
     index = pd.read_parquet(index_path).set_index("dicom_id")
-    assert index.loc["s3-ap-plus10h"].tolist() == [-1, "missing"]
+    assert index.loc["s3-ap-plus10h"].tolist() == [-1, "missing", ""]
     assert (index.drop("s3-ap-plus10h")["status"] == "ok").all()
     # The stay stays in the cohort; only its CXR is gone (cache row -1, as for unpaired stays).
     rows = dict(zip(stays["stay_id"], _cxr_rows(stays, index_path)))

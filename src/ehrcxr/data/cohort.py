@@ -158,22 +158,43 @@ def _in_hospital_death(stays: pd.DataFrame) -> pd.Series:
     return by_deathtime | by_dod
 
 
+# MIMIC-IV race strings that mean OTHER (not a group of their own, unknown or not given); any other string
+# outside the four groups is counted as unrecognised in the log.
+OTHER_RACE_STRINGS = frozenset({
+    "", "OTHER", "UNKNOWN", "UNABLE TO OBTAIN", "PATIENT DECLINED TO ANSWER", "MULTIPLE RACE/ETHNICITY",
+    "AMERICAN INDIAN/ALASKA NATIVE", "AMERICAN INDIAN/ALASKA NATIVE FEDERALLY RECOGNIZED TRIBE",
+    "NATIVE HAWAIIAN OR OTHER PACIFIC ISLANDER", "PORTUGUESE", "UNKNOWN/NOT SPECIFIED"})
+
+
 def race_group(race: pd.Series) -> pd.Series:
-    """Map MIMIC-IV race strings to WHITE/BLACK/HISPANIC/ASIAN/OTHER (unknown and blank count as OTHER)."""
+    """Map MIMIC-IV race strings to WHITE/BLACK/HISPANIC/ASIAN/OTHER (unknown and blank count as OTHER);
+    strings MIMIC-IV does not use are counted as OTHER and logged with examples."""
     text = race.astype("string").fillna("").str.strip().str.upper()
     groups = np.select(
         [text.str.startswith("WHITE"), text.str.startswith("BLACK"),
          text.str.startswith("HISPANIC") | text.str.startswith("LATINO") | (text == "SOUTH AMERICAN"),
          text.str.startswith("ASIAN")],
         ["WHITE", "BLACK", "HISPANIC", "ASIAN"], default="OTHER")
+    unrecognised = (groups == "OTHER") & ~text.isin(OTHER_RACE_STRINGS).to_numpy(dtype=bool)
+    if unrecognised.any():
+        examples = sorted(set(race[unrecognised].astype(str)))[:5]
+        log.warning("race: %d stays with a value MIMIC-IV does not use, counted as OTHER (e.g. %s)",
+                    int(unrecognised.sum()), ", ".join(map(repr, examples)))
     return pd.Series(groups, index=race.index, dtype=object)
 
 
+def normalise_icd_codes(codes: pd.Series) -> pd.Series:
+    """ICD codes as MIMIC-IV writes them: surrounding spaces and dots removed, upper case ('428.0' → '4280',
+    ' i50.9' → 'I509')."""
+    return codes.astype("string").str.strip().str.replace(".", "", regex=False).str.upper().astype(object)
+
+
 def phenotype_code_table() -> pd.DataFrame:
-    """ICD code → phenotype label lookup with columns icd_version (9/10), icd_code, label."""
+    """ICD code → phenotype label lookup with columns icd_version (9/10), icd_code (normalised), label."""
     rows = [(version, code, group["label"])
             for group in phenotypes() for version, key in ((9, "icd9"), (10, "icd10")) for code in group[key]]
     table = pd.DataFrame(rows, columns=["icd_version", "icd_code", "label"])
+    table["icd_code"] = normalise_icd_codes(table["icd_code"])
     return table.astype({"icd_version": "int64", "icd_code": object, "label": object}).drop_duplicates()
 
 
@@ -181,11 +202,15 @@ def admission_phenotypes(mimic_iv_root: str | Path, hadm_ids: pd.Series) -> pd.D
     """The 25 phenotype labels (int8, index hadm_id) of each admission: 1 if any of its diagnoses maps.
 
     ICD-9 codes are looked up only in the ``icd9`` lists and ICD-10 codes only in the ``icd10`` lists
-    (MedFuse matched codes regardless of ``icd_version``).
+    (MedFuse matched codes regardless of ``icd_version``). Codes are normalised first
+    (:func:`normalise_icd_codes`); how many normalisation changed is logged.
     """
     diagnoses = raw.read_table(mimic_iv_root, "diagnoses_icd", ["hadm_id", "icd_code", "icd_version"])
     diagnoses = diagnoses[diagnoses["hadm_id"].isin(hadm_ids)]
-    diagnoses = diagnoses.assign(icd_code=diagnoses["icd_code"].astype(object).str.strip().str.upper())
+    normalised = normalise_icd_codes(diagnoses["icd_code"])
+    changed = int((normalised != diagnoses["icd_code"].astype(object)).fillna(False).sum())
+    log.info("diagnoses_icd: %d of %d cohort codes normalised (dots, spaces or case)", changed, len(diagnoses))
+    diagnoses = diagnoses.assign(icd_code=normalised)
     matched = diagnoses.merge(phenotype_code_table(), on=["icd_version", "icd_code"], how="inner")
     matched = matched[["hadm_id", "label"]].drop_duplicates()
     labels = phenotype_labels()
@@ -222,12 +247,13 @@ def read_cxr_images(mimic_cxr_root: str | Path, image_layout: str = "official") 
         path = raw.table_path(mimic_cxr_root, raw.CXR_TABLES["metadata"])
         raise raw.RawDataError(
             f"{path}: columns 'StudyDate'/'StudyTime', data row {row + 1}: cannot parse study time "
-            f"{metadata['StudyDate'].iloc[row]!r} {metadata['StudyTime'].iloc[row]!r}")
+            f"{metadata['StudyDate'].iloc[row]} {metadata['StudyTime'].iloc[row]}")
     duplicated = chexpert.duplicated(["subject_id", "study_id"])
     if duplicated.any():
         row = int(duplicated.to_numpy().argmax())
         path = raw.table_path(mimic_cxr_root, raw.CXR_TABLES["chexpert"])
-        raise raw.RawDataError(f"{path}: data row {row + 1}: duplicate study {chexpert['study_id'].iloc[row]}")
+        raise raw.RawDataError(f"{path}: column 'study_id', data row {row + 1}: value "
+                               f"{chexpert['study_id'].iloc[row]} repeats a study (one CheXpert row per study)")
     # Left join: an image whose study has no CheXpert row keeps NaN labels ("not mentioned").
     images = metadata.merge(chexpert, on=["subject_id", "study_id"], how="left", validate="m:1")
     images["path"] = raw.cxr_image_relpath(images["subject_id"], images["study_id"], images["dicom_id"],

@@ -9,11 +9,13 @@ deep inside pandas.
 """
 from __future__ import annotations
 
+import gzip
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 
 from ehrcxr.resources import CHEXPERT_LABELS
@@ -43,6 +45,8 @@ class TableSpec:
     timestamps: tuple[str, ...] = ()
     old_relpaths: tuple[str, ...] = ()
     column_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    allowed_values: dict[str, tuple] = field(default_factory=dict)
+    non_negative: tuple[str, ...] = ()
 
     @property
     def relpaths(self) -> tuple[str, ...]:
@@ -55,7 +59,7 @@ MIMIC_IV_TABLES: dict[str, TableSpec] = {
     "patients": TableSpec("hosp/patients", ("subject_id", "gender", "anchor_age", "anchor_year", "dod"),
                           {"subject_id": "int64", "gender": _STR, "anchor_age": "int64", "anchor_year": "int64",
                            "dod": _STR},
-                          old_relpaths=("core/patients",)),  # MIMIC-IV v1.0
+                          old_relpaths=("core/patients",), non_negative=("anchor_age",)),  # MIMIC-IV v1.0
     "admissions": TableSpec(
         "hosp/admissions",
         ("subject_id", "hadm_id", "admittime", "dischtime", "deathtime", "admission_type", "insurance", "race",
@@ -65,7 +69,8 @@ MIMIC_IV_TABLES: dict[str, TableSpec] = {
         ("admittime", "dischtime", "deathtime"),
         old_relpaths=("core/admissions",), column_aliases={"race": ("ethnicity",)}),  # MIMIC-IV v1.0
     "diagnoses_icd": TableSpec("hosp/diagnoses_icd", ("subject_id", "hadm_id", "icd_code", "icd_version"),
-                               {"subject_id": "int64", "hadm_id": "int64", "icd_code": _STR, "icd_version": "int64"}),
+                               {"subject_id": "int64", "hadm_id": "int64", "icd_code": _STR, "icd_version": "int64"},
+                               allowed_values={"icd_version": (9, 10)}),
     "icustays": TableSpec(
         "icu/icustays",
         ("subject_id", "hadm_id", "stay_id", "first_careunit", "last_careunit", "intime", "outtime", "los"),
@@ -129,6 +134,8 @@ def read_header(path: Path, spec: TableSpec | None = None) -> list[str]:
     """Column names of a CSV file (compressed or not); with ``spec``, older names become canonical ones."""
     try:
         header = list(pd.read_csv(path, nrows=0).columns)
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from error
     except Exception as error:  # truncated gzip, empty file, not a CSV
         raise RawDataError(f"cannot read the header of {path}: {error}") from error
     if spec is None:
@@ -143,15 +150,26 @@ def _missing_columns(spec: TableSpec, header: list[str], columns: Iterable[str])
     return [f"{c} (or {' or '.join(spec.column_aliases[c])})" if c in spec.column_aliases else c for c in missing]
 
 
+def _missing_message(path: Path, header: list[str], missing: list[str]) -> str:
+    """'<file>: missing column(s) …', saying so when the header is one field holding another delimiter."""
+    message = f"{path}: missing column(s) {', '.join(missing)}"
+    delimiters = [name for sep, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe"))
+                  if len(header) == 1 and sep in header[0]]
+    if delimiters:
+        message += f" (the header is one field holding {delimiters[0]}s: MIMIC files are comma-separated)"
+    return message
+
+
 def check_tables(root: str | Path, specs: dict[str, TableSpec]) -> None:
     """Check that every table exists and has its columns; one error lists every problem found."""
     problems = []
     for spec in specs.values():
         try:
             path = table_path(root, spec)
-            missing = _missing_columns(spec, read_header(path, spec), spec.columns)
+            header = read_header(path, spec)
+            missing = _missing_columns(spec, header, spec.columns)
             if missing:
-                problems.append(f"{path}: missing column(s) {', '.join(missing)}")
+                problems.append(_missing_message(path, header, missing))
         except RawDataError as error:
             problems.append(str(error))
     if problems:
@@ -178,7 +196,7 @@ def _locate(root: str | Path, spec: TableSpec, columns: Iterable[str]) -> tuple[
     columns = list(columns)
     missing = _missing_columns(spec, [renames.get(h, h) for h in header], columns)
     if missing:
-        raise RawDataError(f"{path}: missing column(s) {', '.join(missing)}")
+        raise RawDataError(_missing_message(path, header, missing))
     in_file = {canonical: name for name, canonical in renames.items()}
     return path, {c: in_file.get(c, c) for c in columns}
 
@@ -199,42 +217,96 @@ def _dtypes(spec: TableSpec, names: dict[str, str]) -> dict:
 def read_table(root: str | Path, name: str, columns: Iterable[str] | None = None,
                specs: dict[str, TableSpec] = MIMIC_IV_TABLES) -> pd.DataFrame:
     """Read one table's columns (all spec columns by default), under their canonical names, with ids as
-    int64, codes as strings and timestamps parsed; errors name file, column and row."""
+    int64, codes as strings and timestamps parsed (ISO 8601 only); errors name file, column, row and value.
+    A table without data rows, a value outside a column's allowed set and a negative age are errors too."""
     spec = specs[name]
     path, names = _locate(root, spec, columns if columns is not None else spec.columns)
     try:
         frame = pd.read_csv(path, usecols=list(names.values()), dtype=_dtypes(spec, names), **NA_ONLY_EMPTY)
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from error
     except (ValueError, TypeError) as error:
-        raise RawDataError(f"{path}: {_which_column(path, names, spec)}: {error}") from error
+        where = _which_column(path, names, spec) or f"values that cannot be parsed ({error})"
+        raise RawDataError(f"{path}: {where}") from error
     except Exception as error:  # EOFError/zlib.error/BadGzipFile from a truncated file
         raise RawDataError(f"{path}: cannot be read ({type(error).__name__}: {error})") from error
+    if frame.empty:
+        raise RawDataError(f"{path}: has a header but no data rows")
+    _check_values(frame, spec, path, names)
     return _convert(frame, spec, path, names)
 
 
-def _which_column(path: Path, names: dict[str, str], spec: TableSpec) -> str:
-    """Find the column whose values do not fit the expected dtype (re-reads as text; only on error)."""
+def _check_values(frame: pd.DataFrame, spec: TableSpec, path: Path, names: dict[str, str]) -> None:
+    """Values outside a column's allowed set, or negative where only ages >= 0 make sense, are errors."""
+    for canonical, allowed in spec.allowed_values.items():
+        if canonical in names:
+            column = frame[names[canonical]]
+            _raise_at(path, names[canonical], column, ~column.isin(allowed),
+                      f"is not one of {', '.join(map(str, allowed))}")
+    for canonical in spec.non_negative:
+        if canonical in names:
+            column = frame[names[canonical]]
+            _raise_at(path, names[canonical], column, column < 0, "is negative")
+
+
+def _raise_at(path: Path, column: str, values: pd.Series, bad: pd.Series, problem: str) -> None:
+    """Raise for the first row flagged in ``bad``, naming file, column, data row and value."""
+    bad = bad.fillna(False).to_numpy(dtype=bool)
+    if bad.any():
+        row = int(bad.argmax())
+        value = values.iloc[row]
+        value = value.item() if isinstance(value, np.generic) else value
+        raise RawDataError(f"{path}: column {column!r}, data row {row + 1}: value {value!r} {problem}")
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> RawDataError:
+    """The error for a file that is not UTF-8, naming its first undecodable line (reads the file again)."""
+    where = "a line"
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as lines:
+        for number, line in enumerate(lines):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+                where = f"{'the header' if number == 0 else f'data row {number}'}: line {text!r}"
+                break
+    return RawDataError(f"{path}: {where} is not UTF-8 text ({error.reason}); MIMIC files are UTF-8")
+
+
+def _which_column(path: Path, names: dict[str, str], spec: TableSpec) -> str | None:
+    """Name the column, data row and value that do not fit the expected dtype (re-reads as text; only on
+    error). Integers must be whole numbers and, for non-nullable ids, present."""
     text = pd.read_csv(path, usecols=list(names.values()), dtype=str, **NA_ONLY_EMPTY)
     for canonical, column in names.items():
         dtype = spec.dtypes.get(canonical)
         if dtype in ("int64", "Int64", "float64"):
             numbers = pd.to_numeric(text[column], errors="coerce")
             bad = numbers.isna() & text[column].notna()
+            if dtype in ("int64", "Int64"):
+                bad |= numbers.notna() & (numbers != numbers.round())
             if dtype == "int64":
                 bad |= text[column].isna()
             if bad.any():
-                row = int(bad.idxmax())
-                return f"column {column!r}, data row {row + 1}: value {text[column].iloc[row]!r} is not a valid {dtype}"
-    return "unexpected values"
+                row = int(bad.to_numpy().argmax())
+                value = text[column].iloc[row]
+                shown = "empty" if pd.isna(value) else repr(value)
+                kind = {"int64": "an integer", "Int64": "an integer", "float64": "a number"}[dtype]
+                return f"column {column!r}, data row {row + 1}: value {shown} is not {kind}"
+    return None
 
 
 def parse_timestamps(values: pd.Series, path: Path | str, column: str) -> pd.Series:
-    """Parse MIMIC 'YYYY-MM-DD HH:MM:SS' timestamps; empty stays NaT, anything else unparsable is an error."""
-    parsed = pd.to_datetime(values, format="mixed", errors="coerce")
+    """Parse MIMIC's ISO 8601 timestamps ('YYYY-MM-DD HH:MM:SS', a 'T' separator, or a date alone); empty stays
+    NaT. Anything else is an error naming file, column, row and value: day- or month-first dates such as
+    '31/01/2150' are never guessed."""
+    parsed = pd.to_datetime(values, format="ISO8601", errors="coerce")
     bad = parsed.isna() & values.notna() & (values.astype("string").str.strip() != "")
     if bad.any():
         row = int(bad.to_numpy().argmax())
         raise RawDataError(
-            f"{path}: column {column!r}, data row {row + 1}: cannot parse timestamp {values.iloc[row]!r}")
+            f"{path}: column {column!r}, data row {row + 1}: cannot parse timestamp {values.iloc[row]!r} "
+            "(MIMIC timestamps are ISO 8601, 'YYYY-MM-DD HH:MM:SS')")
     return parsed
 
 
