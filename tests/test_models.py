@@ -262,15 +262,43 @@ def test_masked_jsd_matches_hand_computation():
     assert masked_jsd(h1, h2, torch.zeros(3, dtype=torch.bool)).item() == 0.0
 
 
-def test_attention_rank_loss_hand_example():
-    attention = torch.tensor([[[0.2, 0.3, 0.5]], [[0.6, 0.4, 0.0]]])  # (B=2, C=1, [EHR, shared, CXR])
-    loss_ehr, loss_shared, loss_cxr = torch.tensor([[1.0], [0.1]]), torch.tensor([[0.5], [2.0]]), torch.tensor([[2.0], [3.0]])
+def test_attention_rank_loss_divides_each_term_by_its_violated_entries():
+    # (B=2, C=2, [EHR, shared, CXR]); row 1 is unpaired and violates everything, so it must be ignored
+    attention = torch.tensor([[[0.2, 0.5, 0.3], [0.1, 0.3, 0.6]], [[0.9, 0.05, 0.05], [0.9, 0.05, 0.05]]])
+    loss_ehr = torch.tensor([[0.1, 0.9], [5.0, 5.0]])
+    loss_shared = torch.tensor([[0.5, 0.2], [0.0, 0.0]])
+    loss_cxr = torch.tensor([[0.3, 0.4], [0.0, 0.0]])
     paired = torch.tensor([True, False])
-    # (CXR,EHR): CXR worse -> target −1 -> max(0, 0.5−0.2) = 0.3; (shared,EHR): +1 -> max(0, 0.2−0.3) = 0;
-    # (shared,CXR): +1 -> max(0, 0.5−0.3) = 0.2; mean = 0.5/3. The unpaired row is ignored.
+    # (CXR,EHR):    d0 CXR worse -> −1 -> max(0, 0.3−0.2) = 0.1; d1 better -> +1 -> max(0, 0.1−0.6) = 0 -> 0.1/1
+    # (shared,EHR): d0 −1 -> max(0, 0.5−0.2) = 0.3;               d1 +1 -> max(0, 0.1−0.3) = 0 -> 0.3/1
+    # (shared,CXR): d0 −1 -> max(0, 0.5−0.3) = 0.2;               d1 +1 -> max(0, 0.6−0.3) = 0.3 -> 0.5/2
+    # mean of the three = (0.1 + 0.3 + 0.25) / 3 (a mean over all paired entries would give 0.15)
     value = attention_rank_loss(attention, loss_ehr, loss_shared, loss_cxr, paired)
-    assert value.item() == pytest.approx(0.5 / 3, rel=1e-6)
+    assert value.item() == pytest.approx(0.65 / 3, rel=1e-6)
     assert attention_rank_loss(attention, loss_ehr, loss_shared, loss_cxr, torch.tensor([False, False])).item() == 0.0
+    satisfied = torch.tensor([[[0.1, 0.2, 0.7], [0.1, 0.7, 0.2]]])  # every pair ordered as its losses ask
+    assert attention_rank_loss(satisfied, torch.tensor([[0.9, 0.9]]), torch.tensor([[0.5, 0.1]]),
+                               torch.tensor([[0.1, 0.5]]), torch.tensor([True])).item() == 0.0
+
+
+def test_drfuse_orthogonality_uses_the_projected_shared_feature():
+    model = tiny_model("drfuse").eval()
+    last = model.shared_projection[-1]
+    with torch.no_grad():  # the projection now maps every shared feature to e_0
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[0] = 1.0
+    batch = make_batch(MIXED)
+    out = model(batch)
+    _, ehr_distinct = model.encode_ehr(batch)
+    _, cxr_distinct = model.encode_cxr(batch)
+    # |cos(e_0, d)| = |d_0| / ||d||: over all stays for the EHR, over the paired ones for the CXR
+    ehr_expected = (ehr_distinct[:, 0].abs() / ehr_distinct.norm(dim=1)).mean()
+    paired = batch.has_cxr > 0.5
+    cxr_expected = (cxr_distinct[paired, 0].abs() / cxr_distinct[paired].norm(dim=1)).mean()
+    lambdas = model.lambdas
+    assert out.aux_losses["orth_ehr"].item() == pytest.approx(lambdas["orth_ehr"] * ehr_expected.item(), rel=1e-5)
+    assert out.aux_losses["orth_cxr"].item() == pytest.approx(lambdas["orth_cxr"] * cxr_expected.item(), rel=1e-5)
 
 
 def test_drfuse_unpaired_image_leaves_aux_losses_unchanged_and_no_pairs_gives_zero():

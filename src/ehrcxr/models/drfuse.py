@@ -1,8 +1,11 @@
 """DrFuse (Yao et al., AAAI 2024): disentangled shared/distinct features + disease-wise attention.
 
 Re-implements dorothy-yao/drfuse (`models/drfuse.py`, `models/drfuse_trainer.py`) as described
-in METHODS.md §3.4, with its bugs fixed: the CXR bodies pool (GAP) before their Linear head and
-use the standard ResNet stem, and the JSD (like every CXR term) only counts paired stays.
+in METHODS.md §3.4. The losses follow the released trainer: the orthogonality terms compare the
+*projected* shared feature with the distinct one, and each attention-ranking term is divided by its
+number of violated entries. Two bugs of the original are fixed on purpose: the CXR bodies pool (GAP)
+before their Linear head and use the standard ResNet stem, and the JSD (like every CXR term) only counts
+paired stays (the original sums unpaired rows too but divides by the paired count).
 """
 from __future__ import annotations
 
@@ -48,19 +51,19 @@ def attention_rank_loss(attention: torch.Tensor, loss_ehr: torch.Tensor, loss_sh
     attention (B, C, 3): weights of the [EHR-distinct, shared, CXR-distinct] tokens per disease;
     loss_* (B, C): detached per-disease losses of the three heads. For the pairs (CXR, EHR),
     (shared, EHR) and (shared, CXR) the first token should get more attention when its head has
-    the lower loss (target +1, else −1). Each term is averaged over its valid (paired) entries,
-    then the three terms are averaged.
+    the lower loss (target +1, else −1). As in drfuse_trainer.py, each term is the sum of its
+    paired entries' losses divided by the number of violated entries (loss > 0), so it does not
+    fade as violations become rare; a term without violations is 0. The three terms are averaged.
     """
-    attention, paired_count = attention[paired], int(paired.sum())
-    if paired_count == 0:
-        return attention.sum() * 0.0
+    attention = attention[paired]
     losses = {"ehr": loss_ehr[paired], "shared": loss_shared[paired], "cxr": loss_cxr[paired]}
     slots = {"ehr": 0, "shared": 1, "cxr": 2}
     terms = []
     for first, second in (("cxr", "ehr"), ("shared", "ehr"), ("shared", "cxr")):
         target = torch.where(losses[first] < losses[second], 1.0, -1.0).to(attention.dtype)
-        terms.append(F.margin_ranking_loss(attention[..., slots[first]], attention[..., slots[second]],
-                                           target, margin=0.0, reduction="mean"))
+        entries = F.margin_ranking_loss(attention[..., slots[first]], attention[..., slots[second]],
+                                        target, margin=0.0, reduction="none")
+        terms.append(entries.sum() / (entries > 0).sum().clamp(min=1))
     return torch.stack(terms).mean()
 
 
@@ -172,8 +175,8 @@ class DrFuse(nn.Module):
             "ehr": _masked_bce(logits_ehr, labels, all_rows),
             "cxr": _masked_bce(logits_cxr, labels, paired),
             "jsd": masked_jsd(ehr_projected, cxr_projected, paired),
-            "orth_ehr": _masked_abs_cosine(ehr_shared, ehr_distinct, all_rows),
-            "orth_cxr": _masked_abs_cosine(cxr_shared, cxr_distinct, paired),
+            "orth_ehr": _masked_abs_cosine(ehr_projected, ehr_distinct, all_rows),
+            "orth_cxr": _masked_abs_cosine(cxr_projected, cxr_distinct, paired),
             "attn_rank": attention_rank_loss(attention, per_label["ehr"], per_label["shared"],
                                              per_label["cxr"], paired),
         }
