@@ -24,4 +24,4 @@ lint: install
 	$(VENV)/bin/snakemake --lint
 
 clean:
-	rm -rf results logs benchmarks/synthetic .snakemake
+	rm -rf results logs .snakemake

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from ehrcxr.evaluate.aggregate import COLUMNS, aggregate_runs, run_aggregate
+from ehrcxr.evaluate.aggregate import COLUMNS, aggregate_runs, rerun_command, run_aggregate
 from ehrcxr.evaluate.bootstrap import (
     bootstrap_ci, bootstrap_metrics, resample_counts, weighted_auprc, weighted_auroc,
 )
@@ -131,7 +133,9 @@ def test_bootstrap_accepts_a_metric_without_weighted_form():
 # ---------------------------------------------------------------- aggregation
 
 
-def _write_run(root, task, model, missing, seed, labels, stays, y, p):
+def _write_run(root, task, model, missing, seed, labels, stays, y, p, selection_metric="val_auprc"):
+    """A run directory whose eval sets hold ``stays`` ('paired', 'partial' stay ids), labels ``y`` (indexed by
+    stay_id) and probabilities ``p`` (row stay_id - 1000)."""
     run = root / task / model / missing / f"seed{seed}"
     run.mkdir(parents=True)
     frame = pd.DataFrame({
@@ -144,7 +148,8 @@ def _write_run(root, task, model, missing, seed, labels, stays, y, p):
         frame[f"p_{label}"] = p[frame["stay_id"].to_numpy() - 1000, j]
     frame.to_parquet(run / "predictions.parquet")
     (run / "metrics.json").write_text(json.dumps(
-        {"task": task, "model": model, "missing": missing, "seed": seed, "labels": labels}))
+        {"task": task, "model": model, "missing": missing, "seed": seed, "labels": labels,
+         "selection_metric": selection_metric}))
     return run
 
 
@@ -220,12 +225,121 @@ def test_run_aggregate_accepts_files_and_config_params(runs):
 
 
 def test_mismatched_stays_across_seeds_raise(runs):
-    seed2 = runs["dirs"][1]  # mortality, seed 2
-    frame = pd.read_parquet(seed2 / "predictions.parquet")
+    seed1, seed2 = runs["dirs"][:2]  # mortality, seeds 1 and 2; seed 2 is the newer run
+    frame = pd.read_parquet(seed1 / "predictions.parquet")
     frame.loc[frame["eval_set"] == "paired_test", "stay_id"] += 1
-    frame.to_parquet(seed2 / "predictions.parquet")
-    with pytest.raises(ValueError, match="paired_test stays differ across seeds of \\(mortality, lstm, natural\\)"):
+    frame.to_parquet(seed1 / "predictions.parquet")
+    os.utime(seed1 / "predictions.parquet", ns=(10**18, 10**18))
+    os.utime(seed2 / "predictions.parquet", ns=(2 * 10**18, 2 * 10**18))
+    # stays 1000, 1002, ..., 1038 became 1001, ..., 1039: all 20 differ
+    with pytest.raises(ValueError, match=f"1 of 4 runs are outdated.*\n  {seed1}: 20 paired_test stays, the newest "
+                                         "run 20 \\(20 only here, 20 only there\\)\n"):
         aggregate_runs(runs["dirs"], runs["root"] / "t.csv", runs["root"] / "t.md", n_boot=10)
+
+
+def _age(run_dir, seconds: int) -> None:
+    """Date the run's predictions ``seconds`` after a fixed moment (the newest run of a task is the reference)."""
+    stamp = (1_700_000_000 + seconds) * 10**9
+    os.utime(run_dir / "predictions.parquet", ns=(stamp, stamp))
+
+
+def test_every_outdated_run_is_named_in_one_error_with_one_rerun_command(tmp_path):
+    stay_ids = np.arange(1000, 1012)
+    y = pd.DataFrame({"mortality": np.tile([0, 1, 0], 4)}, index=stay_ids)
+    p = np.linspace(0.05, 0.95, 12)[:, None]
+    current = {"partial": stay_ids, "paired": stay_ids[::2]}  # 6 paired stays
+    root = tmp_path / "runs"
+    # trained before an image became unusable: one paired stay more (1001)
+    old_index = _write_run(root, "mortality", "ehr_lstm", "natural", 1, ["mortality"],
+                           {"partial": stay_ids, "paired": np.r_[stay_ids[::2], 1001]}, y, p)
+    # trained on an older cohort, in which stay 1004 (a death now) had not died
+    assert y.loc[1004, "mortality"] == 1
+    old_y = y.copy()
+    old_y.loc[1004, "mortality"] = 0
+    old_cohort = _write_run(root, "mortality", "ehr_transformer", "natural", 1, ["mortality"], current, old_y, p)
+    fresh = _write_run(root, "mortality", "drfuse", "natural", 1, ["mortality"], current, y, p)
+    for seconds, run_dir in enumerate([old_index, old_cohort, fresh]):
+        _age(run_dir, seconds)
+    with pytest.raises(ValueError) as error:
+        aggregate_runs([old_index, old_cohort, fresh], tmp_path / "t.csv", tmp_path / "t.md", n_boot=10)
+    lines = str(error.value).splitlines()
+    assert lines[0].startswith("2 of 3 runs are outdated") and f"mortality: {fresh}" in lines[0]
+    assert lines[1:3] == [
+        f"  {old_index}: 7 paired_test stays, the newest run 6 (1 only here, 0 only there)",
+        f"  {old_cohort}: paired_test y_mortality of stay_id 1004 differs from the newest run's; "
+        "partial_test y_mortality of stay_id 1004 differs from the newest run's",
+    ]
+    assert shlex.split(lines[-1]) == ["snakemake", "--cores", "all", "--forcerun", str(old_index / "metrics.json"),
+                                      str(old_cohort / "metrics.json")]
+    assert lines[-1].strip() == rerun_command([old_index, old_cohort])
+    # once both are rerun (newer than the reference and agreeing with it), the table is built
+    _write_run(tmp_path / "rerun", "mortality", "ehr_lstm", "natural", 1, ["mortality"], current, y, p)
+    table = aggregate_runs([tmp_path / "rerun/mortality/ehr_lstm/natural/seed1", fresh], tmp_path / "t.csv",
+                           tmp_path / "t.md", n_boot=10)
+    assert set(table["model"]) == {"ehr_lstm", "drfuse"}
+
+
+def test_a_run_without_the_selection_record_is_outdated(runs):
+    metrics_path = runs["dirs"][3] / "metrics.json"  # phenotyping, seed 2
+    metrics = json.loads(metrics_path.read_text())
+    del metrics["selection_metric"]
+    metrics_path.write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match=r"1 of 4 runs are outdated.*\n  .*phenotyping/lstm/natural/seed2: its "
+                                         "metrics.json does not record the model-selection criterion"):
+        aggregate_runs(runs["dirs"], runs["root"] / "t.csv", runs["root"] / "t.md", n_boot=10)
+    metrics_path.write_text(json.dumps({**metrics, "selection_metric": "val_auroc"}))
+    with pytest.raises(ValueError, match="selection_metric 'val_auroc' is not one of"):
+        aggregate_runs(runs["dirs"], runs["root"] / "t.csv", runs["root"] / "t.md", n_boot=10)
+
+
+def test_rows_carry_counts_single_class_labels_and_selection(tmp_path):
+    # stay  ph_a ph_b ph_c  mortality   paired
+    # 1000   1    0    0      1          yes
+    # 1001   0    0    1      0
+    # 1002   0    0    1      0          yes
+    # 1003   1    0    0      0          yes (mortality) / no (phenotyping)
+    # 1004   1    0    0      0          yes
+    # 1005   0    0    1      1
+    labels = ["ph_a", "ph_b", "ph_c"]
+    stay_ids = np.arange(1000, 1006)
+    y = pd.DataFrame({"ph_a": [1, 0, 0, 1, 1, 0], "ph_b": 0, "ph_c": [0, 1, 1, 0, 0, 1],
+                      "mortality": [1, 0, 0, 0, 0, 1]}, index=stay_ids)
+    p = np.random.default_rng(0).random((6, 3))
+    root = tmp_path / "runs"
+    phenotyping = {"partial": stay_ids, "paired": np.array([1000, 1002, 1004])}
+    mortality = {"partial": stay_ids, "paired": np.array([1000, 1002, 1003, 1004])}
+    dirs = [_write_run(root, "phenotyping", "lstm", "natural", 1, labels, phenotyping, y, p, "val_auprc"),
+            _write_run(root, "phenotyping", "lstm", "natural", 2, labels, phenotyping, y, p[::-1], "val_loss"),
+            _write_run(root, "mortality", "lstm", "natural", 1, ["mortality"], mortality, y, p[:, :1], "val_loss"),
+            _write_run(root, "mortality", "fusion", "natural", 1, ["mortality"], mortality, y, p[:, 1:2])]
+    out_csv, out_md = tmp_path / "main.csv", tmp_path / "main.md"
+    aggregate_runs(dirs, out_csv, out_md, n_boot=20)
+    table = pd.read_csv(out_csv, keep_default_na=False)
+    assert list(table.columns) == COLUMNS
+    table = table.set_index(["task", "model", "eval_set", "metric"])
+
+    def counts(*key):
+        row = table.loc[key]
+        return (row.n_stays, row.n_positive, row.n_labels_scored, row.single_class_labels, row.selection)
+
+    # paired phenotyping stays 1000, 1002, 1004: ph_a 2 positive, ph_b none, ph_c 1 -> 3 positive labels in all;
+    # n is each seed's eval set (3 stays), not the 6 predictions of the two seeds
+    assert counts("phenotyping", "lstm", "paired_test", "auroc") == (3, 3, 2, "ph_b", "mixed")
+    assert counts("phenotyping", "lstm", "partial_test", "auprc") == (6, 6, 2, "ph_b", "mixed")
+    assert counts("phenotyping", "lstm", "partial_test", "auroc:ph_a") == (6, 3, 1, "", "mixed")
+    assert counts("phenotyping", "lstm", "paired_test", "auprc:ph_b") == (3, 0, 0, "ph_b", "mixed")
+    assert counts("mortality", "lstm", "paired_test", "auroc") == (4, 1, 1, "", "val_loss")
+    assert counts("mortality", "fusion", "partial_test", "auroc") == (6, 2, 1, "", "val_auprc")
+    assert table.loc[("phenotyping", "lstm", "paired_test", "auroc:ph_b"), "estimate"] == ""  # NaN: undefined
+
+    markdown = out_md.read_text()
+    assert ("**Selected without validation AUPRC**: mortality/lstm/natural (val_loss), "
+            "phenotyping/lstm/natural (mixed).") in markdown
+    assert "## mortality — paired_test\n\nn = 4 stays (every model and seed), 1 positive.\n" in markdown
+    assert ("## phenotyping — paired_test\n\nn = 3 stays (every model and seed); 3 positive labels (positive stays "
+            "summed over the 3 labels); 2 of 3 labels have both classes. A single class, so undefined, left out of "
+            "the macro mean: ph_b.\n") in markdown
+    assert "## phenotyping — partial_test\n\nn = 6 stays (every model and seed); 6 positive labels" in markdown
 
 
 def test_bad_probability_and_missing_runs(runs):

@@ -203,7 +203,8 @@ def _write_run(run_dir: Path, model: str, stays: np.ndarray, paired: np.ndarray,
     pd.concat([frame[paired].assign(eval_set="paired_test"), frame.assign(eval_set="partial_test")]).to_parquet(
         run_dir / "predictions.parquet")
     (run_dir / "metrics.json").write_text(json.dumps(
-        {"task": "mortality", "model": model, "missing": "natural", "seed": 1, "labels": ["mortality"]}))
+        {"task": "mortality", "model": model, "missing": "natural", "seed": 1, "labels": ["mortality"],
+         "selection_metric": "val_auprc"}))
     return run_dir
 
 
@@ -241,7 +242,9 @@ def test_aggregate_lists_missing_runs_and_checks_shared_test_stays(tmp_path):
     markdown = out_md.read_text()
     assert markdown.startswith("# Main results") and "Missing cells" not in markdown
 
-    # a run scored on other test stays (trained on an older cohort or CXR index) is named, not pooled
+    # a run scored on other test stays (trained on an older cohort or CXR index, so older) is named, not pooled
     stale = _write_run(runs / "stale/natural/seed1", "stale", stays, stays % 3 == 0, y, p_lstm)
-    with pytest.raises(ValueError, match=r"paired_test stays of task mortality differ between runs: .*stale"):
+    os.utime(stale / "predictions.parquet", ns=(0, 0))
+    with pytest.raises(ValueError, match=r"1 of 3 runs are outdated .*\n  \S*stale/natural/seed1: 10 paired_test "
+                                         r"stays, the newest run 15 "):
         aggregate_runs(present + [stale], out_csv, out_md, n_boot=10)

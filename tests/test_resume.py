@@ -24,7 +24,8 @@ N_STAYS, HOURS, N_VALUES, N_VARIABLES = 600, 24, 6, 3
 SEED, EPOCHS = 3, 20
 TRAIN = {"epochs": EPOCHS, "batch_size": 16, "lr": 0.01, "weight_decay": 0.01, "patience": EPOCHS, "device": "cpu"}
 MODEL = {"modalities": ["ehr"], "params": {"hidden": 64, "dropout": 0.3}}
-METRICS_KEYS = {"task", "model", "missing", "seed", "labels", "n_stays", "best_epoch", "metrics"}
+METRICS_KEYS = {"task", "model", "missing", "seed", "labels", "n_stays", "best_epoch", "selection_metric",
+                "val_labels_with_both_classes", "metrics"}
 # what snakemake's train rule declares as outputs; it deletes them before it reruns an interrupted job
 DECLARED_OUTPUTS = ("metrics.json", "predictions.parquet", "model.pt", "history.csv")
 RUN_CELL = """
@@ -151,6 +152,7 @@ def test_two_uninterrupted_runs_are_identical(cell_inputs, uninterrupted, tmp_pa
     history = pd.read_csv(uninterrupted / "history.csv")
     assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
     assert metrics["best_epoch"] == history["epoch"][history["val_auprc"].idxmax()]
+    assert metrics["selection_metric"] == "val_auprc" and metrics["val_labels_with_both_classes"] == 1
 
 
 def test_killed_after_an_epoch_checkpoint_resumes_to_the_uninterrupted_result(cell_inputs, uninterrupted, tmp_path):

@@ -12,12 +12,14 @@ import xarray as xr
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 
-from ehrcxr.data.datasets import load_cell_data
+from ehrcxr.data.datasets import CellData, StaySet, load_cell_data
 from ehrcxr.models import ModelOutput, create_model, register
 from ehrcxr.models.encoders import CXRBackbone
 from ehrcxr.resources import CHEXPERT_LABELS
 from ehrcxr.train.cell import run_cell, run_key
-from ehrcxr.train.loop import fit, macro_scores, precompute_cxr_features, predict, seed_everything
+from ehrcxr.train.loop import (
+    fit, macro_scores, precompute_cxr_features, predict, seed_everything, selection_criterion,
+)
 from ehrcxr.train.pretrain import chexpert_image_labels, pretrain_cxr
 
 N_STAYS, HOURS, N_VALUES, N_VARIABLES, IMAGE = 160, 4, 3, 2, 16
@@ -46,6 +48,33 @@ class TinyModel(nn.Module):
             brightness = batch.cxr.mean(dim=(1, 2, 3)).unsqueeze(1)
             logits = logits + self.cxr_head(brightness) * batch.has_cxr.unsqueeze(1)
         return ModelOutput(logits, {"l2": 1e-4 * self.ehr_head.weight.pow(2).sum()})
+
+
+@register("scheduled_logit_test_model")
+class ScheduledLogitModel(nn.Module):
+    """Predicts the logit ``schedule[e - 1]`` for every stay in epoch e (counted by the ``train()`` call that
+    starts each epoch; a buffer, so checkpoints keep it), so each epoch's validation loss is known in advance."""
+
+    def __init__(self, n_labels: int, ehr_features: int, cxr: dict | None = None, schedule: tuple = ()):
+        super().__init__()
+        self.n_labels = n_labels
+        self.register_buffer("schedule", torch.tensor(schedule, dtype=torch.float32))
+        self.register_buffer("epochs_started", torch.zeros((), dtype=torch.long))
+        self.unused = nn.Parameter(torch.zeros(()))  # the optimiser needs a parameter
+
+    def train(self, mode: bool = True) -> "ScheduledLogitModel":
+        if mode:
+            self.epochs_started += 1
+        return super().train(mode)
+
+    def forward(self, batch) -> ModelOutput:
+        logit = self.schedule[self.epochs_started - 1] + 0 * self.unused
+        return ModelOutput(logit.expand(len(batch), self.n_labels), {})
+
+
+# Validation loss of an all-negative val set is softplus(logit): lowest at epoch 4 (logit -3). With patience 2,
+# epochs 5 and 6 bring no gain and training stops before epoch 7 (-4, which would have been lower still).
+SCHEDULE = (0.5, -1.0, 2.0, -3.0, 1.0, -2.0, -4.0, 0.0)
 
 
 def stay_plan() -> pd.DataFrame:
@@ -218,6 +247,85 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(predict(resumed_model, test, 64, "cpu"), predict(straight_model, test, 64, "cpu"))
 
 
+def _without_val_positives(files: dict) -> dict:
+    """Rewrite the cell's stays.parquet so that no val stay is a death (train and test keep both classes)."""
+    stays = pd.read_parquet(files["stays"])
+    stays.loc[stays["split"] == "val", "mortality"] = 0
+    stays.to_parquet(files["stays"])
+    return files
+
+
+def _fit_scheduled(files, out_dir, **overrides):
+    data = load(files, with_cxr=False)
+    model = create_model("scheduled_logit_test_model", n_labels=1, ehr_features=data.ehr_features,
+                         schedule=SCHEDULE)
+    params = {**TRAIN, "epochs": len(SCHEDULE), "patience": 2, **overrides}
+    device = params.pop("device")
+    return model, data, fit(model, data, out_dir, seed=1, device=device, **params)
+
+
+def test_validation_loss_selects_when_no_val_label_has_both_classes(tmp_path, caplog):
+    files = _without_val_positives(write_cell_files(tmp_path))
+    inputs = {key: files[key] for key in ("stays", "ehr", "cxr_index")}
+    with caplog.at_level(logging.WARNING, logger="ehrcxr.train"):
+        run_cell(inputs, tmp_path / "run", "mortality", "scheduled_logit_test_model", "natural", 1,
+                 {"modalities": ["ehr"], "params": {"schedule": list(SCHEDULE)}}, {},
+                 _train_params(epochs=len(SCHEDULE), patience=2))
+    assert ("cell mortality/natural seed 1: the validation set has a single class for all 1 label(s), so validation "
+            "AUPRC is undefined; selecting the epoch with the lowest validation loss instead") in caplog.text
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["selection_metric"] == "val_loss" and metrics["val_labels_with_both_classes"] == 0
+    assert metrics["best_epoch"] == 4
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3, 4, 5, 6]  # early stop: epochs 5, 6 without gain
+    np.testing.assert_allclose(history["val_loss"], np.log1p(np.exp(SCHEDULE[:6])), rtol=1e-6)
+    assert history["val_auprc"].isna().all()
+    # the saved model is epoch 4's: every test probability is sigmoid(-3)
+    predictions = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+    np.testing.assert_allclose(predictions["p_mortality"], 1 / (1 + np.exp(3.0)), rtol=1e-6)
+
+
+def test_validation_loss_selection_resumes_exactly_and_older_checkpoints_restart(tmp_path, caplog):
+    files = _without_val_positives(write_cell_files(tmp_path))
+    _fit_scheduled(files, tmp_path / "resumed", epochs=3)  # best epoch 2 so far, one epoch without gain
+    _, _, resumed = _fit_scheduled(files, tmp_path / "resumed")
+    _, _, straight = _fit_scheduled(files, tmp_path / "straight")
+    assert (resumed.best_epoch, resumed.epochs_run, resumed.selection_metric) == (4, 6, "val_loss")
+    assert (straight.best_epoch, straight.epochs_run) == (4, 6) and np.isnan(straight.best_val_auprc)
+    pd.testing.assert_frame_equal(resumed.history.drop(columns="seconds"), straight.history.drop(columns="seconds"))
+
+    # a checkpoint without the criterion its best score was measured in (an older ehrcxr) is not resumed
+    checkpoint_path = tmp_path / "resumed" / "checkpoint.pt"
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    del checkpoint["selection_metric"]
+    torch.save(checkpoint, checkpoint_path)
+    with caplog.at_level(logging.WARNING, logger="ehrcxr.train"):
+        _, _, restarted = _fit_scheduled(files, tmp_path / "resumed")
+    assert "written for other settings or inputs (or selection criterion)" in caplog.text
+    assert restarted.history["epoch"].tolist() == [1, 2, 3, 4, 5, 6] and restarted.best_epoch == 4
+
+
+def test_selection_criterion_counts_labels_with_both_classes(caplog):
+    def cell(val_labels: list[list[int]]) -> CellData:
+        n, n_labels = len(val_labels), len(val_labels[0])
+        val = StaySet("val", np.arange(n), np.zeros((n, 1, 1)), np.zeros((n, 1, 1)), np.ones(n),
+                      np.array(val_labels), np.zeros(n), np.zeros(n), np.full(n, -1), None)
+        return CellData("phenotyping", "natural", 1, ["ph_a", "ph_b", "ph_c"][:n_labels], {"val": val}, 1)
+
+    log = logging.getLogger("ehrcxr.train")
+    with caplog.at_level(logging.WARNING, logger="ehrcxr.train"):
+        # ph_a and ph_c hold both classes, ph_b only positives
+        assert selection_criterion(cell([[0, 1, 1], [1, 1, 0], [0, 1, 1]]), log) == ("val_auprc", 2)
+    assert ("the validation set has a single class for 1 of 3 labels (ph_b); model selection uses the macro AUPRC "
+            "of the other 2") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ehrcxr.train"):
+        assert selection_criterion(cell([[0, 1], [1, 0]]), log) == ("val_auprc", 2)
+        assert caplog.text == ""
+        assert selection_criterion(cell([[0, 1], [0, 1]]), log) == ("val_loss", 0)
+    assert "single class for all 2 label(s)" in caplog.text
+
+
 def _train_params(**overrides) -> dict:
     return {**TRAIN, "epochs": 3, **overrides}
 
@@ -250,6 +358,7 @@ def test_run_cell_outputs_and_determinism(tmp_path):
             average_precision_score(part["y_mortality"], part["p_mortality"]))
     history = pd.read_csv(tmp_path / "a" / "history.csv")
     assert first["best_epoch"] == history["epoch"][history["val_auprc"].idxmax()]
+    assert first["selection_metric"] == "val_auprc" and first["val_labels_with_both_classes"] == 1
 
 
 def test_real_models_and_frozen_prefix_features(tmp_path, caplog):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
+from ehrcxr.evaluate.aggregate import rerun_command
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -71,7 +75,8 @@ def test_whole_grid_runs_to_the_tables(workdir):
     config = tiny_config()
     table = pd.read_csv(workdir / "results/synthetic/tables/main_results.csv")
     assert list(table.columns) == ["task", "model", "missing", "eval_set", "metric", "estimate", "ci_low",
-                                   "ci_high", "n_seeds"]
+                                   "ci_high", "n_seeds", "selection", "n_stays", "n_positive", "n_labels_scored",
+                                   "single_class_labels"]
     macro = table[table["metric"].isin(["auroc", "auprc"])]
     cells = {(t, m, s) for t in config["tasks"] for m in config["models"] for s in config["missing"]}
     assert {tuple(row) for row in macro[macro["model"] != "oracle"][["task", "model", "missing"]].values} == cells
@@ -83,6 +88,27 @@ def test_whole_grid_runs_to_the_tables(workdir):
     assert "stay_id" not in table.columns
     metrics = json.loads((workdir / "results/synthetic/runs/phenotyping/drfuse/miss0.5/seed1/metrics.json").read_text())
     assert metrics["task"] == "phenotyping" and len(metrics["labels"]) == 25
+    # every row says what it rests on: the run's own test-set sizes and selection criterion
+    rows = macro[(macro["task"] == "phenotyping") & (macro["model"] == "drfuse") & (macro["missing"] == "miss0.5")]
+    assert (rows["selection"] == metrics["selection_metric"]).all()
+    for eval_set in ("paired_test", "partial_test"):
+        assert (rows.loc[rows["eval_set"] == eval_set, "n_stays"] == metrics["n_stays"][eval_set]).all()
+    # snakemake benchmark files stay with the dataset's results, out of the repository's benchmarks/ scripts
+    assert (workdir / "results/synthetic/benchmarks/train/phenotyping/drfuse/miss0.5/seed1.tsv").is_file()
+    assert (workdir / "results/synthetic/benchmarks/aggregate.tsv").is_file() and not (workdir / "benchmarks").exists()
     # nothing left to do afterwards
     again = snakemake(workdir, "--dry-run", "--quiet")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    # the command the aggregation prints for outdated runs retrains exactly those, then the tables
+    outdated = ["results/synthetic/runs/mortality/ehr_lstm/natural/seed1",
+                "results/synthetic/runs/phenotyping/drfuse/miss0.5/seed1"]
+    command = shlex.split(rerun_command(outdated))
+    assert command[0] == "snakemake"
+    forced = snakemake(workdir, *command[1:], "--dry-run")
+    output = forced.stdout + forced.stderr
+    assert forced.returncode == 0, output[-5000:]
+    stats = output[output.index("Job stats:"):]
+    stats = stats[:stats.index("\ntotal")]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", stats, re.MULTILINE))
+    assert jobs == {"train": "2", "aggregate": "1", "all": "1"}
+    assert sorted(re.findall(r"^\s*output: (\S*runs/\S+)/metrics\.json", output, re.MULTILINE)) == outdated

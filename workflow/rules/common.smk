@@ -82,7 +82,7 @@ def train_inputs(wildcards):
         # An EHR-only cell reads the index only to know which test stays have a usable image. cxr_cache rewrites
         # it unchanged when only cxr.image_size changes, so its timestamp must not rerun these cells: ancient().
         # A new cohort still reruns them (stays.parquet); if the usable images change without a new cohort,
-        # the aggregation stops with a message naming the outdated run (test stays differ between models).
+        # the aggregation stops with one message naming every outdated run and the command that reruns them all.
         inputs["cxr_index"] = ancient(f"{RESULTS}/cxr/index.parquet")
     return inputs
 

@@ -11,7 +11,7 @@ if SYNTHETIC:
         log:
             f"logs/{DATASET}/synthesize.log",
         benchmark:
-            f"benchmarks/{DATASET}/synthesize.tsv"
+            f"{RESULTS}/benchmarks/synthesize.tsv"
         threads: 2
         conda:
             "../../envs/data.yaml"
@@ -48,7 +48,7 @@ rule ehr_tensor:
     log:
         "logs/{dataset}/ehr_tensor/{task}.log",
     benchmark:
-        "benchmarks/{dataset}/ehr_tensor/{task}.tsv"
+        "results/{dataset}/benchmarks/ehr_tensor/{task}.tsv"
     threads: 2  # pyarrow decompresses and parses in parallel with the filtering; >= 4: both tables at once
     conda:
         "../../envs/data.yaml"
@@ -69,7 +69,7 @@ rule cxr_cache:
     log:
         "logs/{dataset}/cxr_cache.log",
     benchmark:
-        "benchmarks/{dataset}/cxr_cache.tsv"
+        "results/{dataset}/benchmarks/cxr_cache.tsv"
     threads: 2
     conda:
         "../../envs/data.yaml"

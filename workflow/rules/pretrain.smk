@@ -15,7 +15,7 @@ rule pretrain_cxr:
     log:
         "logs/{dataset}/pretrain_cxr.log",
     benchmark:
-        "benchmarks/{dataset}/pretrain_cxr.tsv"
+        "results/{dataset}/benchmarks/pretrain_cxr.tsv"
     threads: 2
     resources:
         gpu=1,

@@ -9,7 +9,7 @@ rule aggregate:
     log:
         "logs/{dataset}/aggregate.log",
     benchmark:
-        "benchmarks/{dataset}/aggregate.tsv"
+        "results/{dataset}/benchmarks/aggregate.tsv"
     conda:
         "../../envs/report.yaml"
     script:
@@ -30,7 +30,7 @@ rule aggregate_available:
     log:
         f"logs/{DATASET}/aggregate_available.log",
     benchmark:
-        f"benchmarks/{DATASET}/aggregate_available.tsv"
+        f"{RESULTS}/benchmarks/aggregate_available.tsv"
     conda:
         "../../envs/report.yaml"
     script:

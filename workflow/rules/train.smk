@@ -13,7 +13,7 @@ rule train:
     log:
         "logs/{dataset}/train/{task}/{model}/{missing}/seed{seed}.log",
     benchmark:
-        "benchmarks/{dataset}/train/{task}/{model}/{missing}/seed{seed}.tsv"
+        "results/{dataset}/benchmarks/train/{task}/{model}/{missing}/seed{seed}.tsv"
     threads: 1
     resources:
         gpu=1,

@@ -1,14 +1,17 @@
 """Aggregate per-run test predictions into the main results table (long-form CSV + Markdown).
 
 Runs are grouped by (task, model, missing); the seeds of a group are pooled (see
-:func:`ehrcxr.evaluate.bootstrap.bootstrap_ci`) on each evaluation set. Only aggregates are written.
-With ``allow_missing`` the runs without outputs (failed cells) are left out and listed at the top of the Markdown.
+:func:`ehrcxr.evaluate.bootstrap.bootstrap_ci`) on each evaluation set. Every row carries the counts it rests
+on (stays, positives, labels with both classes) and the criterion that selected the models. Only aggregates
+are written. With ``allow_missing`` the runs without outputs (failed cells) are left out and listed at the top
+of the Markdown. Runs trained on other inputs are all named in one error, with the command that reruns them.
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,20 +20,23 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ehrcxr.evaluate.bootstrap import bootstrap_metrics
-from ehrcxr.evaluate.metrics import METRICS
+from ehrcxr.evaluate.metrics import METRICS, has_both_classes
 
 log = logging.getLogger("ehrcxr.evaluate")
 
 EVAL_SETS = ("paired_test", "partial_test")
-COLUMNS = ["task", "model", "missing", "eval_set", "metric", "estimate", "ci_low", "ci_high", "n_seeds"]
-ORACLE_MODEL, ORACLE_MISSING = "oracle", "—"
+COLUMNS = ["task", "model", "missing", "eval_set", "metric", "estimate", "ci_low", "ci_high", "n_seeds", "selection",
+           "n_stays", "n_positive", "n_labels_scored", "single_class_labels"]
+ORACLE_MODEL, ORACLE_MISSING, ORACLE_SELECTION = "oracle", "—", "—"
+SELECTION_METRICS = ("val_auprc", "val_loss")  # what ehrcxr.train.loop.fit selects epochs by
 _RUN_KEYS = ("task", "model", "missing", "seed", "labels")
 RUN_OUTPUTS = ("metrics.json", "predictions.parquet")
 
 
 @dataclass
 class Run:
-    """One training run: its identity from metrics.json and its test predictions."""
+    """One training run: its identity and model-selection criterion (None when its metrics.json predates
+    that record) from metrics.json, and its test predictions."""
 
     path: Path
     task: str
@@ -38,6 +44,7 @@ class Run:
     missing: str
     seed: int
     labels: list[str]
+    selection_metric: str | None
     predictions: pd.DataFrame
 
     def eval_set(self, eval_set: str) -> pd.DataFrame:
@@ -88,6 +95,9 @@ def load_run(run_dir: str | Path) -> Run:
     labels = list(meta["labels"])
     if not labels:
         raise ValueError(f"{meta_path}: 'labels' is empty")
+    selection_metric = meta.get("selection_metric")
+    if selection_metric not in (None, *SELECTION_METRICS):
+        raise ValueError(f"{meta_path}: selection_metric {selection_metric!r} is not one of {SELECTION_METRICS}")
     pred_path = run_dir / "predictions.parquet"
     columns = ["stay_id", "eval_set"] + [f"{k}_{label}" for label in labels for k in ("y", "p")]
     available = set(pq.read_schema(pred_path).names)
@@ -97,7 +107,7 @@ def load_run(run_dir: str | Path) -> Run:
     predictions = pd.read_parquet(pred_path, columns=columns)
     _check_predictions(predictions, labels, pred_path)
     return Run(run_dir, str(meta["task"]), str(meta["model"]), str(meta["missing"]), int(meta["seed"]),
-               labels, predictions)
+               labels, selection_metric, predictions)
 
 
 def _as_run_dirs(paths) -> list[Path]:
@@ -148,70 +158,115 @@ def _group_runs(runs: list[Run]) -> dict[tuple[str, str, str], list[Run]]:
         seeds = [r.seed for r in members]
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"runs of {key} repeat a seed: {[str(r.path) for r in members]}")
-        if any(r.labels != members[0].labels for r in members):
-            raise ValueError(f"runs of {key} disagree on labels: {[str(r.path) for r in members]}")
     return groups
 
 
-def _pooled_arrays(members: list[Run], eval_set: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Stay ids, labels (N, L) and per-seed probabilities of ``eval_set``; the stays must match across seeds."""
+def _pooled_arrays(members: list[Run], eval_set: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Labels (N, L) and per-seed probabilities of ``eval_set`` (the seeds share its stays and labels:
+    :func:`check_runs_current`)."""
     labels = members[0].labels
-    reference = members[0].eval_set(eval_set)
-    stay_ids = reference["stay_id"].to_numpy()
-    y = reference[[f"y_{label}" for label in labels]].to_numpy(dtype=np.int8)
-    p_by_seed = []
-    for run in members:
-        rows = run.eval_set(eval_set)
-        ids = rows["stay_id"].to_numpy()
-        if ids.shape != stay_ids.shape or (ids != stay_ids).any():
-            only_here = np.setdiff1d(ids, stay_ids).size
-            only_there = np.setdiff1d(stay_ids, ids).size
-            raise ValueError(
-                f"{eval_set} stays differ across seeds of ({run.task}, {run.model}, {run.missing}): "
-                f"{run.path} has {ids.size} stays, {members[0].path} has {stay_ids.size}; "
-                f"{only_here} only in the first, {only_there} only in the second"
-            )
-        run_y = rows[[f"y_{label}" for label in labels]].to_numpy(dtype=np.int8)
-        if (run_y != y).any():
-            stay, col = np.argwhere(run_y != y)[0]
-            raise ValueError(f"{eval_set} labels differ across seeds: y_{labels[col]} of stay_id "
-                             f"{stay_ids[stay]} in {run.path} vs {members[0].path}")
-        p_by_seed.append(rows[[f"p_{label}" for label in labels]].to_numpy(dtype=np.float64))
-    return stay_ids, y, p_by_seed
+    y = members[0].eval_set(eval_set)[[f"y_{label}" for label in labels]].to_numpy(dtype=np.int8)
+    p_by_seed = [run.eval_set(eval_set)[[f"p_{label}" for label in labels]].to_numpy(dtype=np.float64)
+                 for run in members]
+    return y, p_by_seed
 
 
-def _check_eval_sets_agree(groups: dict[tuple[str, str, str], list[Run]]) -> None:
-    """Every model and missing setting of a task is scored on the same test stays (they depend on the cohort
-    and on which images are usable only); a run trained on an older cohort or CXR index breaks this."""
-    for task in sorted({key[0] for key in groups}):
-        runs = [groups[key][0] for key in sorted(groups) if key[0] == task]
-        for eval_set in EVAL_SETS:
-            reference = runs[0].eval_set(eval_set)["stay_id"].to_numpy()
-            for run in runs[1:]:
-                ids = run.eval_set(eval_set)["stay_id"].to_numpy()
-                if ids.shape != reference.shape or (ids != reference).any():
-                    raise ValueError(
-                        f"{eval_set} stays of task {task} differ between runs: {run.path} has {ids.size}, "
-                        f"{runs[0].path} has {reference.size} ({np.setdiff1d(ids, reference).size} only in the "
-                        f"first, {np.setdiff1d(reference, ids).size} only in the second); one of them was trained "
-                        "on another cohort or CXR index: delete the older run directory and rerun"
-                    )
+def rerun_command(run_dirs) -> str:
+    """The one snakemake command that retrains the runs in ``run_dirs`` (it forces their train jobs by
+    output; the tables downstream follow)."""
+    outputs = " ".join(shlex.quote(str(Path(run_dir) / "metrics.json")) for run_dir in run_dirs)
+    return f"snakemake --cores all --forcerun {outputs}"
 
 
-def _metric_rows(key, eval_set, labels, y, p_by_seed, *, n_boot, ci, seed) -> list[dict]:
+def _eval_set_difference(run: Run, reference: Run, eval_set: str) -> str | None:
+    """How the stays or labels of ``run``'s ``eval_set`` differ from ``reference``'s; None when they agree."""
+    rows, reference_rows = run.eval_set(eval_set), reference.eval_set(eval_set)
+    ids, reference_ids = rows["stay_id"].to_numpy(), reference_rows["stay_id"].to_numpy()
+    if ids.shape != reference_ids.shape or (ids != reference_ids).any():
+        return (f"{ids.size} {eval_set} stays, the newest run {reference_ids.size} "
+                f"({np.setdiff1d(ids, reference_ids).size} only here, "
+                f"{np.setdiff1d(reference_ids, ids).size} only there)")
+    columns = [f"y_{label}" for label in run.labels]
+    y, reference_y = rows[columns].to_numpy(dtype=np.int8), reference_rows[columns].to_numpy(dtype=np.int8)
+    if (y != reference_y).any():
+        stay, column = np.argwhere(y != reference_y)[0]
+        return f"{eval_set} {columns[column]} of stay_id {ids[stay]} differs from the newest run's"
+    return None
+
+
+def _outdated_runs(runs: list[Run]) -> tuple[dict[Path, str], dict[str, Path]]:
+    """Every run that cannot be pooled, with why, and the newest run of each task. Every run of a task must
+    be scored on the same test stays and labels (they depend only on the cohort and the usable images); as
+    snakemake reruns exactly the cells whose inputs changed, the newest run (predictions.parquet time) of a
+    task shows the current ones. A metrics.json without ``selection_metric`` predates that record."""
+    outdated, newest = {}, {}
+    for task in sorted({run.task for run in runs}):
+        members = [run for run in runs if run.task == task]
+        reference = max(members, key=lambda r: ((r.path / "predictions.parquet").stat().st_mtime_ns, str(r.path)))
+        newest[task] = reference.path
+        for run in members:
+            reasons = []
+            if run.selection_metric is None:
+                reasons.append("its metrics.json does not record the model-selection criterion (older ehrcxr)")
+            if run.labels != reference.labels:
+                reasons.append(f"its labels differ from the newest run's ({len(run.labels)} vs "
+                               f"{len(reference.labels)})")
+            else:
+                reasons += [why for why in (_eval_set_difference(run, reference, s) for s in EVAL_SETS) if why]
+            if reasons:
+                outdated[run.path] = "; ".join(reasons)
+    return outdated, newest
+
+
+def check_runs_current(runs: list[Run]) -> None:
+    """Raise one error naming every outdated run (see :func:`_outdated_runs`) and the one command that
+    reruns them all; a run trained on an older cohort or CXR index would otherwise be pooled or compared
+    with runs scored on other stays."""
+    outdated, newest = _outdated_runs(runs)
+    if not outdated:
+        return
+    lines = [f"{len(outdated)} of {len(runs)} runs are outdated (trained on another cohort or CXR index, or by "
+             "an older ehrcxr), compared with the newest run of their task ("
+             + ", ".join(f"{task}: {path}" for task, path in newest.items()) + "):"]
+    lines += [f"  {path}: {why}" for path, why in outdated.items()]
+    lines += ["Rerun them all with (plus the --configfile/--profile options you ran with):",
+              f"  {rerun_command(outdated)}"]
+    raise ValueError("\n".join(lines))
+
+
+def _selection(members: list[Run]) -> str:
+    """The criterion that selected the models of a group: shared by every seed, else 'mixed'."""
+    criteria = {run.selection_metric for run in members}
+    return criteria.pop() if len(criteria) == 1 else "mixed"
+
+
+def _counts(y: np.ndarray, labels: list[str]) -> tuple[dict, list[dict]]:
+    """What a metric on ``y`` (N, L) rests on: for the macro row (positives summed over labels) and per label."""
+    positives = y.sum(axis=0)
+    both = [has_both_classes(y[:, j]) for j in range(y.shape[1])]
+    macro_counts = dict(n_stays=len(y), n_positive=int(positives.sum()), n_labels_scored=sum(both),
+                        single_class_labels=";".join(label for label, ok in zip(labels, both) if not ok))
+    label_counts = [dict(n_stays=len(y), n_positive=int(positives[j]), n_labels_scored=int(both[j]),
+                         single_class_labels="" if both[j] else label) for j, label in enumerate(labels)]
+    return macro_counts, label_counts
+
+
+def _metric_rows(key, eval_set, labels, y, p_by_seed, selection, *, n_boot, ci, seed) -> list[dict]:
     task, model, missing = key
     rows = []
     results = bootstrap_metrics(y, p_by_seed, list(METRICS), n_boot=n_boot, ci=ci, seed=seed)
+    macro_counts, label_counts = _counts(y, labels)
     for name, (macro_ci, label_ci) in zip(METRICS, results):
-        named = [(name, macro_ci)]
+        named = [(name, macro_ci, macro_counts)]
         if len(labels) > 1:  # multi-label tasks (phenotyping) also report every label
-            named += [(f"{name}:{label}", tuple(label_ci[j])) for j, label in enumerate(labels)]
-        for metric, (estimate, low, high) in named:
+            named += [(f"{name}:{label}", tuple(label_ci[j]), label_counts[j]) for j, label in enumerate(labels)]
+        for metric, (estimate, low, high), counts in named:
             if not np.isfinite(estimate):
-                log.warning("%s %s %s %s: %s undefined (a label has a single class)",
-                            task, model, missing, eval_set, metric)
+                log.warning("%s %s %s %s: %s undefined (single class: %s)",
+                            task, model, missing, eval_set, metric, counts["single_class_labels"])
             rows.append(dict(task=task, model=model, missing=missing, eval_set=eval_set, metric=metric,
-                             estimate=estimate, ci_low=low, ci_high=high, n_seeds=len(p_by_seed)))
+                             estimate=estimate, ci_low=low, ci_high=high, n_seeds=len(p_by_seed),
+                             selection=selection, **counts))
     return rows
 
 
@@ -242,7 +297,7 @@ def _oracle_rows(groups, oracle_path: Path, *, n_boot, ci, seed) -> list[dict]:
                                  f"({unknown.sum()} {task} {eval_set} stays of {reference.path} lack one)")
             y = stays[[f"y_{label}" for label in labels]].to_numpy(dtype=np.int8)
             p = oracle.loc[stays["stay_id"], labels].to_numpy(dtype=np.float64)
-            rows += _metric_rows((task, ORACLE_MODEL, ORACLE_MISSING), eval_set, labels, y, [p],
+            rows += _metric_rows((task, ORACLE_MODEL, ORACLE_MISSING), eval_set, labels, y, [p], ORACLE_SELECTION,
                                  n_boot=n_boot, ci=ci, seed=seed)
     return rows
 
@@ -272,12 +327,41 @@ def _missing_section(missing: list[Path], n_runs: int) -> list[str]:
             "in the CSV).", "", rows.to_markdown(index=False)]
 
 
+def _selection_note(table: pd.DataFrame) -> list[str]:
+    """A line naming the cells whose models were (in some or all seeds) selected on validation loss."""
+    fallback = table[~table["selection"].isin(["val_auprc", ORACLE_SELECTION])]
+    cells = fallback.drop_duplicates(["task", "model", "missing"]).sort_values(["task", "model", "missing"])
+    if cells.empty:
+        return []
+    named = ", ".join(f"{r.task}/{r.model}/{r.missing} ({r.selection})" for r in cells.itertuples())
+    return ["", f"**Selected without validation AUPRC**: {named}. No validation label had both classes, so the "
+            "epoch with the lowest validation loss was kept (val_loss: in every seed; mixed: in some, see each "
+            "run's metrics.json)."]
+
+
+def _counts_line(row) -> str:
+    """What a task × eval_set section rests on, from one of its macro rows."""
+    single = [label for label in row.single_class_labels.split(";") if label]
+    n_labels = row.n_labels_scored + len(single)
+    if n_labels == 1:
+        line = f"n = {row.n_stays} stays (every model and seed), {row.n_positive} positive."
+    else:
+        line = (f"n = {row.n_stays} stays (every model and seed); {row.n_positive} positive labels (positive stays "
+                f"summed over the {n_labels} labels); {row.n_labels_scored} of {n_labels} labels have both classes.")
+    if single:
+        left_out = ", left out of the macro mean" if n_labels > 1 else ""
+        line += f" A single class, so undefined{left_out}: {', '.join(single)}."
+    return line
+
+
 def render_markdown(table: pd.DataFrame, *, ci: float = 0.95, n_boot: int = 1000,
                     missing_runs: list[Path] | None = None, n_runs: int = 0) -> str:
     """Markdown of the macro metrics: one section per task × eval_set, models × missing settings.
 
-    With ``missing_runs`` (a list, possibly empty, of the ``n_runs`` run directories) the page is titled
-    'Available results' and first lists the runs that lack outputs, one row per task/model/missing/seed.
+    Each section states its stays, positives and single-class labels (shared by every model and seed of the
+    section); cells selected on validation loss are named at the top. With ``missing_runs`` (a list, possibly
+    empty, of the ``n_runs`` run directories) the page is titled 'Available results' and first lists the runs
+    that lack outputs, one row per task/model/missing/seed.
     """
     lines = [
         "# Main results" if missing_runs is None else "# Available results",
@@ -285,11 +369,12 @@ def render_markdown(table: pd.DataFrame, *, ci: float = 0.95, n_boot: int = 1000
         f"Estimate [{ci:.0%} CI]: mean over training seeds of the macro metric on the test stays; "
         f"percentile bootstrap over stays ({n_boot} resamples, shared by all seeds).",
     ]
+    lines += _selection_note(table)
     if missing_runs is not None:
         lines += _missing_section(missing_runs, n_runs)
     macro = table[table["metric"].isin(list(METRICS))]
     for (task, eval_set), section in macro.groupby(["task", "eval_set"], sort=True):
-        lines += ["", f"## {task} — {eval_set}"]
+        lines += ["", f"## {task} — {eval_set}", "", _counts_line(section.iloc[0])]
         for metric in METRICS:
             cells = section[section["metric"] == metric]
             if cells.empty:
@@ -317,27 +402,32 @@ def aggregate_runs(
     """Build the main results table from run directories and write it as CSV and Markdown.
 
     ``run_dirs``: run directories (or files inside them). Runs are grouped by (task, model, missing)
-    and their seeds pooled; each group's eval sets must hold the same stays and labels in every seed.
-    For each eval set the table holds macro ``auroc``/``auprc`` with bootstrap CIs and, for multi-label
-    tasks, ``<metric>:<label>`` rows. ``oracle_path`` (synthetic data) adds rows model='oracle',
+    and their seeds pooled; every run of a task must be scored on the same stays and labels, else one error
+    names every outdated run (:func:`check_runs_current`). For each eval set the table holds macro
+    ``auroc``/``auprc`` with bootstrap CIs and, for multi-label tasks, ``<metric>:<label>`` rows; each row
+    also holds ``selection`` (val_auprc, val_loss or mixed over the seeds), ``n_stays``, ``n_positive``
+    (positive stays; summed over the labels in a macro row), ``n_labels_scored`` (labels with both classes)
+    and ``single_class_labels`` (';'-joined). ``oracle_path`` (synthetic data) adds rows model='oracle',
     missing='—' scored on the stays of each task's eval sets (taken from a ``natural`` run when there is
     one). ``allow_missing`` skips run directories without metrics.json or predictions.parquet instead of
     failing, logs them and lists them (task/model/missing/seed) at the top of the Markdown, which is then
-    titled 'Available results'. Every group of a task must be scored on the same test stays.
+    titled 'Available results'.
     Returns the long-form table (columns :data:`COLUMNS`).
     """
     runs, missing = _load_runs(run_dirs, allow_missing)
+    check_runs_current(runs)
     groups = _group_runs(runs)
     rows = []
     for key in sorted(groups):
         members = groups[key]
+        selection = _selection(members)
         for eval_set in EVAL_SETS:
-            if all(run.eval_set(eval_set).empty for run in members):
+            if members[0].eval_set(eval_set).empty:
                 continue
-            _, y, p_by_seed = _pooled_arrays(members, eval_set)
-            rows += _metric_rows(key, eval_set, members[0].labels, y, p_by_seed, n_boot=n_boot, ci=ci, seed=seed)
-        log.info("aggregated %s over seeds %s", key, [r.seed for r in members])
-    _check_eval_sets_agree(groups)
+            y, p_by_seed = _pooled_arrays(members, eval_set)
+            rows += _metric_rows(key, eval_set, members[0].labels, y, p_by_seed, selection,
+                                 n_boot=n_boot, ci=ci, seed=seed)
+        log.info("aggregated %s over seeds %s (selected by %s)", key, [r.seed for r in members], selection)
     if oracle_path is not None:
         rows += _oracle_rows(groups, Path(oracle_path), n_boot=n_boot, ci=ci, seed=seed)
     table = pd.DataFrame(rows, columns=COLUMNS)

@@ -37,7 +37,9 @@ def run_key(inputs: dict, task: str, model: str, missing: str, seed: int, model_
 def run_cell(inputs: dict, out_dir: str | Path, task: str, model: str, missing: str, seed: int,
              model_params: dict, cxr_params: dict, train_params: dict, threads: int = 1) -> dict:
     """Train ``model`` on the (task, missing, seed) cell and write predictions.parquet, metrics.json,
-    model.pt, history.csv and checkpoint.pt into ``out_dir`` (resuming from a checkpoint there).
+    model.pt, history.csv and checkpoint.pt into ``out_dir`` (resuming from a checkpoint there). metrics.json
+    records which criterion selected the model (``selection_metric``: 'val_auprc', or 'val_loss' when no
+    label has both classes in the val split) and ``val_labels_with_both_classes``.
 
     inputs: 'stays', 'ehr', optional 'cxr_index', 'cxr_images', 'cxr_encoder'. model_params: {"modalities",
     "params"}; cxr_params: config ``cxr:``; train_params: config ``train:``. Returns the metrics dict.
@@ -93,8 +95,11 @@ def run_cell(inputs: dict, out_dir: str | Path, task: str, model: str, missing: 
     predictions = pd.concat(frames, ignore_index=True)
     write_atomic(out_dir / "predictions.parquet", lambda path: predictions.to_parquet(path, index=False))
     summary = {"task": task, "model": model, "missing": missing, "seed": int(seed), "labels": data.labels,
-               "n_stays": data.sizes(), "best_epoch": int(result.best_epoch), "metrics": metrics}
+               "n_stays": data.sizes(), "best_epoch": int(result.best_epoch),
+               "selection_metric": result.selection_metric,
+               "val_labels_with_both_classes": result.val_labels_with_both_classes, "metrics": metrics}
     write_atomic(out_dir / "metrics.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
-    log.info("%s/%s/%s seed %d: best epoch %d; %s", task, model, missing, seed, result.best_epoch,
+    log.info("%s/%s/%s seed %d: best epoch %d by %s; %s", task, model, missing, seed, result.best_epoch,
+             result.selection_metric,
              "; ".join(f"{name} AUROC {m['auroc']} AUPRC {m['auprc']}" for name, m in metrics.items()))
     return summary

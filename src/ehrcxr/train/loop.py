@@ -1,5 +1,6 @@
-"""The one training loop for every model: AdamW, BCE + auxiliary losses, early stopping on validation
-macro AUPRC, atomic per-epoch checkpoints that make a killed run resume to the identical result."""
+"""The one training loop for every model: AdamW, BCE + auxiliary losses, early stopping and model selection
+on validation macro AUPRC (validation loss when no label has both classes in 'val'), atomic per-epoch
+checkpoints that make a killed run resume to the identical result."""
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ehrcxr.data.datasets import CellData, StaySet, normalise_images
-from ehrcxr.evaluate.metrics import macro
+from ehrcxr.evaluate.metrics import has_both_classes, macro
 from ehrcxr.models.base import Batch
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auprc", "val_auroc", "seconds"]
@@ -25,10 +26,13 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auprc", "val_auroc", 
 
 @dataclass
 class FitResult:
-    """Outcome of ``fit``: the selected epoch, its validation score and the per-epoch history."""
+    """Outcome of ``fit``: the selected epoch, its validation AUPRC (NaN when undefined), the selection
+    criterion ('val_auprc' or 'val_loss'), how many labels have both classes in 'val', and the history."""
 
     best_epoch: int
     best_val_auprc: float
+    selection_metric: str
+    val_labels_with_both_classes: int
     epochs_run: int
     stopped_early: bool
     history: pd.DataFrame
@@ -76,6 +80,31 @@ def macro_scores(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, 
     if labels.ndim == 1:  # one label (mortality) as a column; an empty (0, L) set stays 2-D
         labels, probabilities = labels[:, None], probabilities[:, None]
     return macro(labels, probabilities, "auprc"), macro(labels, probabilities, "auroc")
+
+
+def selection_criterion(data: CellData, log: logging.Logger) -> tuple[str, int]:
+    """('val_auprc' or 'val_loss', number of labels with both classes in 'val'). Macro AUPRC leaves
+    single-class labels out; when every label has a single class it is undefined, so the epoch with the
+    lowest validation loss is selected instead, with a warning. The val labels are fixed: decided once."""
+    labels = data.splits["val"].labels.numpy()
+    both = [has_both_classes(labels[:, j]) for j in range(labels.shape[1])]
+    cell = f"cell {data.task}/{data.missing} seed {data.seed}"
+    if not any(both):
+        log.warning("%s: the validation set has a single class for all %d label(s), so validation AUPRC is "
+                    "undefined; selecting the epoch with the lowest validation loss instead", cell, len(both))
+        return "val_loss", 0
+    single = [name for name, ok in zip(data.labels, both) if not ok]
+    if single:
+        log.warning("%s: the validation set has a single class for %d of %d labels (%s); model selection uses "
+                    "the macro AUPRC of the other %d", cell, len(single), len(both), ", ".join(single),
+                    sum(both))
+    return "val_auprc", sum(both)
+
+
+def _selection_score(selection_metric: str, val_auprc: float, val_loss: float) -> float:
+    """Higher is better: validation AUPRC, or minus validation loss; -inf when undefined."""
+    score = val_auprc if selection_metric == "val_auprc" else -val_loss
+    return score if np.isfinite(score) else float("-inf")
 
 
 def _loader(stay_set: StaySet, batch_size: int, device: torch.device, threads: int,
@@ -193,8 +222,9 @@ def _atomic_save(obj, path: Path) -> None:
     write_atomic(path, lambda temporary: torch.save(obj, temporary))
 
 
-def _load_checkpoint(path: Path, run_key: str, log: logging.Logger) -> dict | None:
-    """The checkpoint at ``path`` if it exists, loads and was written under ``run_key``; else None (logged)."""
+def _load_checkpoint(path: Path, run_key: str, selection_metric: str, log: logging.Logger) -> dict | None:
+    """The checkpoint at ``path`` if it exists, loads and was written under ``run_key`` by a run selecting on
+    ``selection_metric`` (its best score means that metric); else None (logged)."""
     if not path.exists():
         return None
     try:
@@ -203,8 +233,9 @@ def _load_checkpoint(path: Path, run_key: str, log: logging.Logger) -> dict | No
         log.warning("ignoring unreadable checkpoint %s (%s: %s); training from the start",
                     path, type(error).__name__, error)
         return None
-    if checkpoint.get("run_key") != run_key:
-        log.warning("ignoring checkpoint %s: written for other settings or inputs; training from the start", path)
+    if checkpoint.get("run_key") != run_key or checkpoint.get("selection_metric") != selection_metric:
+        log.warning("ignoring checkpoint %s: written for other settings or inputs (or selection criterion); "
+                    "training from the start", path)
         return None
     return checkpoint
 
@@ -218,11 +249,12 @@ def _write_history(rows: list[dict], path: Path) -> pd.DataFrame:
 def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, batch_size: int, lr: float,
         weight_decay: float, patience: int, seed: int, device: str = "auto", threads: int = 1,
         run_key: str = "", log: logging.Logger | None = None) -> FitResult:
-    """Train ``model`` on ``data`` 'train', select the epoch with the best 'val' macro AUPRC, stop after
-    ``patience`` epochs without gain. Writes ``model.pt`` (best state), ``checkpoint.pt`` (every epoch,
+    """Train ``model`` on ``data`` 'train', select the epoch with the best 'val' macro AUPRC (the lowest 'val'
+    loss when no label has both classes there, see ``selection_criterion``), stop after ``patience`` epochs
+    without gain. Writes ``model.pt`` (best state), ``checkpoint.pt`` (every epoch,
     atomically) and ``history.csv`` into ``out_dir``. A checkpoint there is resumed from only when it was
-    written under the same ``run_key`` (a digest of the cell's settings and inputs); otherwise training
-    starts over."""
+    written under the same ``run_key`` (a digest of the cell's settings and inputs) and selection criterion;
+    otherwise training starts over."""
     log = log or logging.getLogger("ehrcxr.train")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,6 +271,7 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
     if resolved.type == "cuda":
         model.to(memory_format=torch.channels_last)
     prefix_seconds = precompute_cxr_features(model, data, resolved, max(batch_size, 256), log)
+    selection_metric, val_labels_with_both_classes = selection_criterion(data, log)
 
     generator = torch.Generator().manual_seed(seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -249,7 +282,7 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
     start_epoch, best_epoch, best_score, stale = 1, 0, float("-inf"), 0
     best_state: dict | None = None
     history: list[dict] = []
-    checkpoint = _load_checkpoint(checkpoint_path, run_key, log)
+    checkpoint = _load_checkpoint(checkpoint_path, run_key, selection_metric, log)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimiser.load_state_dict(checkpoint["optimiser"])
@@ -280,7 +313,7 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
             total_count += len(batch)
         val_labels, val_probabilities, val_loss = _evaluate(model, val_loader, resolved)
         val_auprc, val_auroc = macro_scores(val_labels, val_probabilities)
-        score = val_auprc if np.isfinite(val_auprc) else float("-inf")
+        score = _selection_score(selection_metric, val_auprc, val_loss)
         if best_state is None or score > best_score:
             best_epoch, best_score, stale = epoch, score, 0
             best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
@@ -294,18 +327,19 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
         _atomic_save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "epoch": epoch,
                       "best_epoch": best_epoch, "best_score": best_score, "stale": stale,
                       "best_state": best_state, "history": history, "rng": _rng_state(generator),
-                      "run_key": run_key},
+                      "run_key": run_key, "selection_metric": selection_metric},
                      checkpoint_path)
         _write_history(history, history_path)
         log.info("epoch %d: train loss %.4f, val loss %.4f, val AUPRC %.4f, val AUROC %.4f (best epoch %d) %.1f s",
                  epoch, history[-1]["train_loss"], val_loss, val_auprc, val_auroc, best_epoch, seconds)
     if stopped_early:
-        log.info("early stop after epoch %d: no val AUPRC gain for %d epochs", epoch, patience)
+        log.info("early stop after epoch %d: no %s gain for %d epochs", epoch, selection_metric, patience)
 
     model.load_state_dict(best_state)
     if not model_path.exists():
         _atomic_save(best_state, model_path)
     history_frame = _write_history(history, history_path)
-    return FitResult(best_epoch=best_epoch, best_val_auprc=best_score if np.isfinite(best_score) else float("nan"),
+    return FitResult(best_epoch=best_epoch, best_val_auprc=float(history[best_epoch - 1]["val_auprc"]),
+                     selection_metric=selection_metric, val_labels_with_both_classes=val_labels_with_both_classes,
                      epochs_run=epoch, stopped_early=stopped_early, history=history_frame,
                      device=str(resolved), prefix_seconds=prefix_seconds)
