@@ -24,7 +24,7 @@ N_STAYS, HOURS, N_VALUES, N_VARIABLES = 600, 24, 6, 3
 SEED, EPOCHS = 3, 20
 TRAIN = {"epochs": EPOCHS, "batch_size": 16, "lr": 0.01, "weight_decay": 0.01, "patience": EPOCHS, "device": "cpu"}
 MODEL = {"modalities": ["ehr"], "params": {"hidden": 64, "dropout": 0.3}}
-METRICS_KEYS = {"task", "model", "missing", "seed", "labels", "n_stays", "best_epoch", "selection_metric",
+METRICS_KEYS = {"task", "model", "missing", "seed", "labels", "n_stays", "best_epoch", "augmented", "selection_metric",
                 "val_labels_with_both_classes", "metrics"}
 # what snakemake's train rule declares as outputs; it deletes them before it reruns an interrupted job
 DECLARED_OUTPUTS = ("metrics.json", "predictions.parquet", "model.pt", "history.csv")
@@ -80,8 +80,8 @@ def write_cell_inputs(directory: Path) -> dict:
 def start_run(inputs: dict, out_dir: Path, log_path: Path) -> subprocess.Popen:
     """Start ``run_cell`` on the cell in a child process logging to ``log_path``."""
     arguments = {"inputs": inputs, "out_dir": str(out_dir), "task": "mortality", "model": "ehr_lstm",
-                 "missing": "natural", "seed": SEED, "model_params": MODEL, "cxr_params": {},
-                 "train_params": TRAIN, "threads": 1}
+                 "missing": "natural", "seed": SEED, "settings": {**MODEL, "train": TRAIN, "cxr": {}},
+                 "threads": 1}
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     with log_path.open("wb") as log:
         return subprocess.Popen([sys.executable, "-c", RUN_CELL, json.dumps(arguments)], cwd=REPO, env=env,

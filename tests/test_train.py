@@ -18,7 +18,7 @@ from ehrcxr.models.encoders import CXRBackbone
 from ehrcxr.resources import CHEXPERT_LABELS
 from ehrcxr.train.cell import run_cell, run_key
 from ehrcxr.train.loop import (
-    fit, macro_scores, precompute_cxr_features, predict, seed_everything, selection_criterion,
+    fit, macro_scores, precompute_cxr_features, predict, prepare_batch, seed_everything, selection_criterion,
 )
 from ehrcxr.train.pretrain import chexpert_image_labels, pretrain_cxr
 
@@ -157,8 +157,12 @@ def test_natural_cell_sets_tensors_and_images(tmp_path):
     assert batch.cxr_hours.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
     assert batch.has_cxr.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
     row = files["row_of"][2]
-    np.testing.assert_allclose(batch.cxr[2, 0].numpy(), (files["images"][row] / 255.0 - 0.5) / 0.25, atol=1e-6)
-    assert batch.cxr.shape == (5, 1, IMAGE, IMAGE) and not batch.cxr[[0, 4]].any()
+    # collate serves the cached uint8 pixels; prepare_batch scales them on the device (zeros where missing)
+    assert batch.cxr.dtype == torch.uint8 and batch.cxr.shape == (5, 1, IMAGE, IMAGE) and not batch.cxr[[0, 4]].any()
+    np.testing.assert_array_equal(batch.cxr[2, 0].numpy(), files["images"][row])
+    ready = prepare_batch(batch, torch.device("cpu"))
+    np.testing.assert_allclose(ready.cxr[2, 0].numpy(), (files["images"][row] / 255.0 - 0.5) / 0.25, atol=1e-6)
+    assert ready.cxr.dtype == torch.float32 and not ready.cxr[[0, 4]].any()
     assert batch.labels[:, 0].tolist() == files["mortality"][i].astype(float).tolist()
     # the corrupt image's stay (i = 5, train) has no CXR
     position = train.stay_id.tolist().index(1000 + CORRUPT_STAY)
@@ -214,7 +218,8 @@ def test_trainer_learns_ehr_and_image_signals(tmp_path):
     model, data, result = _fit_tiny(files, tmp_path / "ehr_run")
     assert result.best_val_auprc > 0.9
     history = pd.read_csv(tmp_path / "ehr_run" / "history.csv")
-    assert history.columns.tolist() == ["epoch", "train_loss", "val_loss", "val_auprc", "val_auroc", "seconds"]
+    assert history.columns.tolist() == ["epoch", "train_loss", "val_loss", "val_auprc", "val_auroc", "lr", "seconds"]
+    assert (history["lr"] == TRAIN["lr"]).all()  # no scheduler
     assert result.best_epoch == history["epoch"][history["val_auprc"].idxmax()]
     # the selected model is the best validation epoch: its val AUPRC is reproduced by predict
     val = data.splits["val"]
@@ -269,8 +274,7 @@ def test_validation_loss_selects_when_no_val_label_has_both_classes(tmp_path, ca
     inputs = {key: files[key] for key in ("stays", "ehr", "cxr_index")}
     with caplog.at_level(logging.WARNING, logger="ehrcxr.train"):
         run_cell(inputs, tmp_path / "run", "mortality", "scheduled_logit_test_model", "natural", 1,
-                 {"modalities": ["ehr"], "params": {"schedule": list(SCHEDULE)}}, {},
-                 _train_params(epochs=len(SCHEDULE), patience=2))
+                 settings(["ehr"], {"schedule": list(SCHEDULE)}, train=_train_params(epochs=len(SCHEDULE), patience=2)))
     assert ("cell mortality/natural seed 1: the validation set has a single class for all 1 label(s), so validation "
             "AUPRC is undefined; selecting the epoch with the lowest validation loss instead") in caplog.text
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -330,13 +334,18 @@ def _train_params(**overrides) -> dict:
     return {**TRAIN, "epochs": 3, **overrides}
 
 
+def settings(modalities: list[str], params: dict, cxr: dict | None = None, train: dict | None = None) -> dict:
+    """A model's resolved settings as ``ehrcxr.settings.model_settings`` gives them to ``run_cell``."""
+    return {"modalities": modalities, "pretrained": [], "params": params, "cxr": cxr or {},
+            "train": train or _train_params()}
+
+
 def test_run_cell_outputs_and_determinism(tmp_path):
     files = write_cell_files(tmp_path)
     inputs = {key: files[key] for key in ("stays", "ehr", "cxr_index", "cxr_images")}
-    model_params = {"modalities": ["ehr", "cxr"], "params": {"dropout": 0.2}}
     for name in ("a", "b"):
-        run_cell(inputs, tmp_path / name, "mortality", "tiny_test_model", "natural", 2, model_params,
-                 {"image_size": IMAGE}, _train_params())
+        run_cell(inputs, tmp_path / name, "mortality", "tiny_test_model", "natural", 2,
+                 settings(["ehr", "cxr"], {"dropout": 0.2}, cxr={"image_size": IMAGE}))
     for file in ("predictions.parquet", "metrics.json", "model.pt", "history.csv", "checkpoint.pt"):
         assert (tmp_path / "a" / file).is_file(), file
     first = json.loads((tmp_path / "a" / "metrics.json").read_text())
@@ -365,12 +374,12 @@ def test_real_models_and_frozen_prefix_features(tmp_path, caplog):
     files = write_cell_files(tmp_path)
     inputs = {key: files[key] for key in ("stays", "ehr", "cxr_index", "cxr_images")}
     run_cell(inputs, tmp_path / "lstm", "mortality", "ehr_lstm", "natural", 1,
-             {"modalities": ["ehr"], "params": {"hidden": 8}}, {}, _train_params(epochs=2))
+             settings(["ehr"], {"hidden": 8}, train=_train_params(epochs=2)))
     assert len(pd.read_csv(tmp_path / "lstm" / "history.csv")) == 2
     cxr = {"depth": 18, "weights": None, "frozen_stages": 2, "image_size": IMAGE}
     with caplog.at_level(logging.INFO, logger="ehrcxr"):
         run_cell(inputs, tmp_path / "fusion", "mortality", "late_fusion", "natural", 1,
-                 {"modalities": ["ehr", "cxr"], "params": {"hidden": 8, "heads": 2}}, cxr, _train_params(epochs=1))
+                 settings(["ehr", "cxr"], {"hidden": 8, "heads": 2}, cxr=cxr, train=_train_params(epochs=1)))
     assert "frozen CXR prefix" in caplog.text
     predictions = pd.read_parquet(tmp_path / "fusion" / "predictions.parquet")
     assert predictions["p_mortality"].between(0, 1).all() and len(predictions) > 0
@@ -460,13 +469,17 @@ def test_run_key_tracks_settings_and_inputs_but_not_the_device(tmp_path):
     stays.write_bytes(b"a")
     ehr.write_bytes(b"b")
     inputs = {"stays": str(stays), "ehr": str(ehr)}
-    args = ("mortality", "ehr_lstm", "natural", 1, {"params": {"hidden": 8}}, {}, {"lr": 0.1, "device": "cpu"})
-    key = run_key(inputs, *args)
-    assert run_key(inputs, *args[:-1], {"lr": 0.1, "device": "cuda"}) == key
-    assert run_key(inputs, *args[:-1], {"lr": 0.2, "device": "cpu"}) != key
-    assert run_key(inputs, *args[:4], {"params": {"hidden": 16}}, *args[5:]) != key
+    cell = ("mortality", "ehr_lstm", "natural", 1)
+
+    def key_of(hidden: int = 8, lr: float = 0.1, device: str = "cpu") -> str:
+        return run_key(inputs, *cell, {"params": {"hidden": hidden}, "cxr": {}, "train": {"lr": lr, "device": device}})
+
+    key = key_of()
+    assert key_of(device="cuda") == key
+    assert key_of(lr=0.2) != key
+    assert key_of(hidden=16) != key
     ehr.write_bytes(b"bb")  # a regenerated input
-    assert run_key(inputs, *args) != key
+    assert key_of() != key
 
 
 def test_shuffle_order_depends_only_on_the_sampler_generator():

@@ -31,7 +31,12 @@ PIXEL_STD = 0.25
 def normalise_images(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (B, S, S) pixels -> float32 (B, 1, S, S) tensor scaled as (x / 255 - 0.5) / 0.25."""
     images = torch.from_numpy(np.ascontiguousarray(pixels)).float().unsqueeze(1)
-    return (images / 255.0 - PIXEL_MEAN) / PIXEL_STD
+    return standardise(images / 255.0)
+
+
+def standardise(images: torch.Tensor) -> torch.Tensor:
+    """Images with values in [0, 1] -> the model input scale (x - 0.5) / 0.25."""
+    return (images - PIXEL_MEAN) / PIXEL_STD
 
 
 def parse_missing(missing: str) -> float | None:
@@ -97,13 +102,18 @@ class StaySet(torch.utils.data.Dataset):
         return (1, 1, 1)
 
     def collate(self, items: list[int]) -> Batch:
-        """Build the Batch of the stays at positions ``items``."""
+        """Build the Batch of the stays at positions ``items``. Images are served as uint8 pixels
+        (B, 1, S, S), zeros where missing; the trainer normalises (and in training augments) them on the
+        device (``ehrcxr.train.loop.prepare_batch``). Precomputed prefix features are served as they are."""
         index = torch.as_tensor(items, dtype=torch.long)
         has_cxr = self.has_cxr[index]
         rows = self.cxr_row[index].numpy()
         present = np.flatnonzero(has_cxr.numpy() > 0)
-        cxr = torch.zeros((len(items), *self.cxr_shape()),
-                          dtype=self._features.dtype if self._features is not None else torch.float32)
+        if self._features is not None:
+            dtype = self._features.dtype
+        else:
+            dtype = torch.uint8 if self.images is not None else torch.float32
+        cxr = torch.zeros((len(items), *self.cxr_shape()), dtype=dtype)
         if present.size:
             if self._features is not None:
                 cxr[present] = self._features[self._feature_position[rows[present]]]
@@ -112,7 +122,7 @@ class StaySet(torch.utils.data.Dataset):
                 order = np.argsort(wanted, kind="stable")
                 pixels = np.empty((present.size, *self.images.shape[1:]), dtype=np.uint8)
                 pixels[order] = self.images[wanted[order]]
-                cxr[present] = normalise_images(pixels)
+                cxr[present] = torch.from_numpy(pixels).unsqueeze(1)
         return Batch(ehr=self.ehr[index], ehr_mask=self.ehr_mask[index], ehr_length=self.ehr_length[index],
                      cxr=cxr, has_cxr=has_cxr, cxr_hours=self.cxr_hours[index], labels=self.labels[index],
                      stay_id=self.stay_id[index])

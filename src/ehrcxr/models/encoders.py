@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 RESNET_DEPTHS = (18, 34, 50)
 _STAGE_WIDTHS = (64, 128, 256, 512)
-_CXR_KEYS = {"depth", "weights", "frozen_stages", "pretrained", "in_channels", "image_size"}
+_CXR_KEYS = {"depth", "weights", "frozen_stages", "pretrained", "in_channels", "image_size", "augment"}  # augment: the trainer
 
 
 # ----------------------------------------------------------------------------------------- EHR

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ehrcxr.data.datasets import EVAL_SETS, load_cell_data
 from ehrcxr.models import create_model
@@ -23,34 +24,48 @@ def _json_number(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def run_key(inputs: dict, task: str, model: str, missing: str, seed: int, model_params: dict, cxr_params: dict,
-            train_params: dict) -> str:
+def run_key(inputs: dict, task: str, model: str, missing: str, seed: int, settings: dict) -> str:
     """Digest of what a cell's training depends on: its settings (not the device) and the size and
     modification time of each input file. A checkpoint is resumed only under the same key."""
-    settings = {"task": task, "model": model, "missing": missing, "seed": seed, "model_params": model_params,
-                "cxr": cxr_params, "train": {k: v for k, v in train_params.items() if k != "device"},
-                "inputs": {name: [str(path), Path(path).stat().st_size, Path(path).stat().st_mtime_ns]
-                           for name, path in sorted(inputs.items()) if path}}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    settings = {**settings, "train": {k: v for k, v in settings["train"].items() if k != "device"}}
+    key = {"task": task, "model": model, "missing": missing, "seed": seed, "settings": settings,
+           "inputs": {name: [str(path), Path(path).stat().st_size, Path(path).stat().st_mtime_ns]
+                      for name, path in sorted(inputs.items()) if path}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_pretrained_ehr(network, path: str | Path, model: str) -> None:
+    """Load an EHR encoder state dict (from the pretrain_ehr stage) into ``network.ehr_encoder``."""
+    encoder = getattr(network, "ehr_encoder", None)
+    if encoder is None:
+        raise ValueError(f"model {model!r} declares a pretrained 'ehr' part but has no ehr_encoder attribute")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not fit the EHR encoder of {model!r} (pretrained with other params?): "
+                         f"{error}") from error
 
 
 def run_cell(inputs: dict, out_dir: str | Path, task: str, model: str, missing: str, seed: int,
-             model_params: dict, cxr_params: dict, train_params: dict, threads: int = 1) -> dict:
+             settings: dict, threads: int = 1) -> dict:
     """Train ``model`` on the (task, missing, seed) cell and write predictions.parquet, metrics.json,
     model.pt, history.csv and checkpoint.pt into ``out_dir`` (resuming from a checkpoint there). metrics.json
     records which criterion selected the model (``selection_metric``: 'val_auprc', or 'val_loss' when no
     label has both classes in the val split) and ``val_labels_with_both_classes``.
 
-    inputs: 'stays', 'ehr', optional 'cxr_index', 'cxr_images', 'cxr_encoder'. model_params: {"modalities",
-    "params"}; cxr_params: config ``cxr:``; train_params: config ``train:``. Returns the metrics dict.
+    inputs: 'stays', 'ehr', optional 'cxr_index', 'cxr_images' and the pretrained parts 'cxr_encoder'
+    (CXR backbone) and 'ehr_encoder' (loaded into the model's ``ehr_encoder``). settings: the model's resolved
+    settings (:func:`ehrcxr.settings.model_settings`: modalities, params, train, cxr). Returns the metrics dict.
     """
+    train_params, cxr_params = settings["train"], settings.get("cxr") or {}
     for key in ("stays", "ehr"):
         if key not in inputs:
             raise KeyError(f"run_cell inputs lack {key!r}")
     absent = [key for key in TRAIN_KEYS if key not in train_params]
     if absent:
         raise KeyError(f"train parameters lack {absent}")
-    modalities = list(model_params.get("modalities", []))
+    modalities = list(settings.get("modalities", []))
     unknown = sorted(set(modalities) - {"ehr", "cxr"})
     if not modalities or unknown:
         raise ValueError(f"model {model!r}: modalities must be a non-empty subset of [ehr, cxr]; got {modalities}")
@@ -68,13 +83,18 @@ def run_cell(inputs: dict, out_dir: str | Path, task: str, model: str, missing: 
     if uses_cxr:
         cxr = {**cxr_params, "pretrained": inputs.get("cxr_encoder")}
     network = create_model(model, n_labels=len(data.labels), ehr_features=data.ehr_features, cxr=cxr,
-                           **dict(model_params.get("params") or {}))
+                           **dict(settings.get("params") or {}))
+    if inputs.get("ehr_encoder"):
+        load_pretrained_ehr(network, inputs["ehr_encoder"], model)
     device = train_params.get("device", "auto")
     result = fit(network, data, out_dir, epochs=int(train_params["epochs"]),
                  batch_size=int(train_params["batch_size"]), lr=float(train_params["lr"]),
                  weight_decay=float(train_params["weight_decay"]), patience=int(train_params["patience"]),
-                 seed=seed, device=device, threads=threads, log=log,
-                 run_key=run_key(inputs, task, model, missing, seed, model_params, cxr_params, train_params))
+                 optimiser=train_params.get("optimiser", "adamw"), scheduler=train_params.get("scheduler"),
+                 selection=train_params.get("selection", "val_auprc"),
+                 min_epochs=int(train_params.get("min_epochs", 1)), augment=cxr_params.get("augment"),
+                 seed=seed, device=device, threads=threads, log=log, inputs=inputs,
+                 run_key=run_key(inputs, task, model, missing, seed, settings))
 
     resolved = resolve_device(device)
     frames, metrics = [], {}
@@ -95,7 +115,7 @@ def run_cell(inputs: dict, out_dir: str | Path, task: str, model: str, missing: 
     predictions = pd.concat(frames, ignore_index=True)
     write_atomic(out_dir / "predictions.parquet", lambda path: predictions.to_parquet(path, index=False))
     summary = {"task": task, "model": model, "missing": missing, "seed": int(seed), "labels": data.labels,
-               "n_stays": data.sizes(), "best_epoch": int(result.best_epoch),
+               "n_stays": data.sizes(), "best_epoch": int(result.best_epoch), "augmented": result.augmented,
                "selection_metric": result.selection_metric,
                "val_labels_with_both_classes": result.val_labels_with_both_classes, "metrics": metrics}
     write_atomic(out_dir / "metrics.json", lambda path: path.write_text(json.dumps(summary, indent=2)))

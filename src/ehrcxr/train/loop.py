@@ -1,6 +1,22 @@
-"""The one training loop for every model: AdamW, BCE + auxiliary losses, early stopping and model selection
-on validation macro AUPRC (validation loss when no label has both classes in 'val'), atomic per-epoch
-checkpoints that make a killed run resume to the identical result."""
+"""The one training loop for every model: BCE + auxiliary losses, AdamW or Adam with an optional scheduler, early
+stopping and model selection on validation macro AUPRC or AUROC (validation loss when no label has both classes in
+'val'), fp32 evaluation, X-ray augmentation on the device, atomic per-epoch checkpoints that make a killed run
+resume to the identical result.
+
+Methods extend the loop through optional methods of their model (defaults: today's loop), never by copying it:
+
+* ``forward(batch) -> ModelOutput(logits, aux_losses)``: auxiliary losses are added to the task loss;
+* ``configure_optimizers(make_optimizer) -> list[Optimizer]``: several optimisers (``make_optimizer(params)``
+  builds one with the cell's optimiser settings); the scheduler, if any, drives each of them;
+* ``training_step(batch, step: TrainStep) -> Tensor``: take over one optimisation step (manual steps with
+  several backward passes); ``step`` offers the cell's loss, autocast, ``backward`` and the optimisers;
+* ``on_after_backward()``: act on gradients after every backward pass, before the optimiser step;
+* ``on_fit_start(data, inputs)``: once before training, with the cell data and the run's input files;
+* ``on_train_epoch_start(epoch, step)`` / ``on_train_epoch_end(epoch, step)``: epoch boundaries (may add
+  layers: parameters that appear are added to the first optimiser as a new parameter group);
+* ``hook_state_dict()`` / ``load_hook_state_dict(state)``: hook state kept in the checkpoint; loaded before
+  the model's weights, so a model can first rebuild what its hooks added.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -17,17 +33,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ehrcxr.data.datasets import CellData, StaySet, normalise_images
+from ehrcxr.data.datasets import CellData, StaySet, normalise_images, standardise
 from ehrcxr.evaluate.metrics import has_both_classes, macro
-from ehrcxr.models.base import Batch
+from ehrcxr.models.base import Batch, ModelOutput
+from ehrcxr.train.augment import augment_images, check_augment
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auprc", "val_auroc", "seconds"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auprc", "val_auroc", "lr", "seconds"]
+OPTIMISERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+SELECTION_METRICS = ("val_auprc", "val_auroc")
 
 
 @dataclass
 class FitResult:
     """Outcome of ``fit``: the selected epoch, its validation AUPRC (NaN when undefined), the selection
-    criterion ('val_auprc' or 'val_loss'), how many labels have both classes in 'val', and the history."""
+    criterion ('val_auprc', 'val_auroc' or 'val_loss'), how many labels have both classes in 'val', the history
+    and whether X-ray augmentation was applied."""
 
     best_epoch: int
     best_val_auprc: float
@@ -38,6 +58,7 @@ class FitResult:
     history: pd.DataFrame
     device: str
     prefix_seconds: float
+    augmented: bool = False
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -82,28 +103,31 @@ def macro_scores(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, 
     return macro(labels, probabilities, "auprc"), macro(labels, probabilities, "auroc")
 
 
-def selection_criterion(data: CellData, log: logging.Logger) -> tuple[str, int]:
-    """('val_auprc' or 'val_loss', number of labels with both classes in 'val'). Macro AUPRC leaves
-    single-class labels out; when every label has a single class it is undefined, so the epoch with the
+def selection_criterion(data: CellData, log: logging.Logger, metric: str = "val_auprc") -> tuple[str, int]:
+    """(``metric`` or 'val_loss', number of labels with both classes in 'val'). Macro AUPRC/AUROC leave
+    single-class labels out; when every label has a single class they are undefined, so the epoch with the
     lowest validation loss is selected instead, with a warning. The val labels are fixed: decided once."""
+    if metric not in SELECTION_METRICS:
+        raise ValueError(f"selection must be one of {', '.join(SELECTION_METRICS)}; got {metric!r}")
     labels = data.splits["val"].labels.numpy()
     both = [has_both_classes(labels[:, j]) for j in range(labels.shape[1])]
     cell = f"cell {data.task}/{data.missing} seed {data.seed}"
+    name = metric.removeprefix("val_").upper()
     if not any(both):
-        log.warning("%s: the validation set has a single class for all %d label(s), so validation AUPRC is "
-                    "undefined; selecting the epoch with the lowest validation loss instead", cell, len(both))
+        log.warning("%s: the validation set has a single class for all %d label(s), so validation %s is "
+                    "undefined; selecting the epoch with the lowest validation loss instead", cell, len(both), name)
         return "val_loss", 0
-    single = [name for name, ok in zip(data.labels, both) if not ok]
+    single = [label for label, ok in zip(data.labels, both) if not ok]
     if single:
         log.warning("%s: the validation set has a single class for %d of %d labels (%s); model selection uses "
-                    "the macro AUPRC of the other %d", cell, len(single), len(both), ", ".join(single),
+                    "the macro %s of the other %d", cell, len(single), len(both), ", ".join(single), name,
                     sum(both))
-    return "val_auprc", sum(both)
+    return metric, sum(both)
 
 
-def _selection_score(selection_metric: str, val_auprc: float, val_loss: float) -> float:
-    """Higher is better: validation AUPRC, or minus validation loss; -inf when undefined."""
-    score = val_auprc if selection_metric == "val_auprc" else -val_loss
+def _selection_score(selection_metric: str, scores: dict[str, float]) -> float:
+    """Higher is better: the validation metric, or minus the validation loss; -inf when undefined."""
+    score = -scores["val_loss"] if selection_metric == "val_loss" else scores[selection_metric]
     return score if np.isfinite(score) else float("-inf")
 
 
@@ -120,26 +144,44 @@ def _loader(stay_set: StaySet, batch_size: int, device: torch.device, threads: i
         pin_memory=cuda, persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    batch = batch.to(device, non_blocking=device.type == "cuda")
-    if device.type == "cuda" and batch.cxr.dim() == 4:
-        batch.cxr = batch.cxr.float().contiguous(memory_format=torch.channels_last)
+def prepare_batch(batch: Batch, device: torch.device, augment: dict | None = None,
+                  generator: torch.Generator | None = None) -> Batch:
+    """Move ``batch`` to ``device``; uint8 X-ray pixels become model input there: scaled to [0, 1], augmented
+    when ``augment`` settings are given (training), standardised, and zero where the stay has no X-ray.
+    Precomputed prefix features pass through as float32."""
+    cuda = device.type == "cuda"
+    batch = batch.to(device, non_blocking=cuda)
+    if batch.cxr.dtype == torch.uint8:
+        images = batch.cxr.float() / 255.0
+        if augment is not None:
+            images = augment_images(images, augment, generator)
+        present = (batch.has_cxr > 0.5).to(images.dtype).view(-1, *([1] * (images.dim() - 1)))
+        batch.cxr = standardise(images) * present
     else:
         batch.cxr = batch.cxr.float()
+    if cuda and batch.cxr.dim() == 4:
+        batch.cxr = batch.cxr.contiguous(memory_format=torch.channels_last)
     return batch
+
+
+def task_loss(output: ModelOutput, batch: Batch) -> torch.Tensor:
+    """BCE-with-logits on the labels plus every auxiliary loss of the model (in fp32)."""
+    loss = F.binary_cross_entropy_with_logits(output.logits.float(), batch.labels)
+    for aux in output.aux_losses.values():
+        loss = loss + aux.float()
+    return loss
 
 
 def _evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device
               ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(labels, probabilities, mean BCE) of ``model`` over ``loader`` (eval mode, no grad)."""
+    """(labels, probabilities, mean BCE) of ``model`` over ``loader``: eval mode, no grad and fp32 (no
+    autocast), so predictions keep their resolution and rank ties do not move AUROC/AUPRC."""
     model.eval()
     labels, logits = [], []
     with torch.no_grad():
         for batch in loader:
-            batch = _to_device(batch, device)
-            with autocast(device):
-                output = model(batch)
-            logits.append(output.logits.float().cpu())
+            batch = prepare_batch(batch, device)
+            logits.append(model(batch).logits.detach().float().cpu())
             labels.append(batch.labels.cpu())
     if not logits:
         return np.zeros((0, 0)), np.zeros((0, 0)), float("nan")
@@ -150,7 +192,7 @@ def _evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: tor
 
 def predict(model: nn.Module, stay_set: StaySet, batch_size: int = 256, device: str | torch.device = "auto"
             ) -> np.ndarray:
-    """Probabilities (sigmoid of logits), shape (len(stay_set), n_labels), in stay_set order."""
+    """Probabilities (sigmoid of logits), shape (len(stay_set), n_labels), in stay_set order (fp32)."""
     device = resolve_device(device) if isinstance(device, str) else device
     model.to(device)
     n_labels = int(stay_set.labels.shape[1])
@@ -162,8 +204,8 @@ def predict(model: nn.Module, stay_set: StaySet, batch_size: int = 256, device: 
 
 def precompute_cxr_features(model: nn.Module, data: CellData, device: torch.device, batch_size: int,
                             log: logging.Logger) -> float:
-    """If ``model`` has a frozen CXR prefix, run it once over the cache rows the cell needs and make every
-    StaySet serve those features; returns the seconds taken (0 when nothing was done)."""
+    """If ``model`` has a frozen CXR prefix, run it once (fp32) over the cache rows the cell needs and make
+    every StaySet serve those features; returns the seconds taken (0 when nothing was done)."""
     from ehrcxr.models.encoders import frozen_cxr_prefix
 
     prefix = frozen_cxr_prefix(model)
@@ -175,15 +217,12 @@ def precompute_cxr_features(model: nn.Module, data: CellData, device: torch.devi
     started = time.perf_counter()
     prefix.eval()
     chunks = []
-    store_dtype = torch.float16 if device.type == "cuda" else torch.float32
     with torch.no_grad():
         for start in range(0, rows.size, batch_size):
             images = normalise_images(data.images[rows[start:start + batch_size]]).to(device)
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
-                features = prefix(images)
-            chunks.append(features.to(store_dtype).contiguous().cpu())
+            chunks.append(prefix(images).float().contiguous().cpu())
     features = torch.cat(chunks)
     for stay_set in data.splits.values():
         stay_set.use_cxr_features(features, rows)
@@ -191,6 +230,112 @@ def precompute_cxr_features(model: nn.Module, data: CellData, device: torch.devi
     log.info("frozen CXR prefix: %d images -> features %s in %.1f s", rows.size, tuple(features.shape[1:]),
              seconds)
     return seconds
+
+
+def _augmentation(model: nn.Module, data: CellData, augment: dict | None, log: logging.Logger) -> dict | None:
+    """The augmentation settings to apply in training: None without images, without settings, or when every
+    ResNet stage of the model is frozen (its features are then computed once per cell, see
+    ``precompute_cxr_features``, and augmenting would mean running the whole network on every batch)."""
+    from ehrcxr.models.encoders import CXRBackbone
+
+    augment = check_augment(augment)
+    backbones = [module for module in model.modules() if isinstance(module, CXRBackbone)]
+    if augment is None or data.images is None or not backbones:
+        return None
+    if all(backbone.frozen_stages == 4 for backbone in backbones):
+        log.info("X-ray augmentation off: frozen_stages 4 serves features precomputed once per cell")
+        return None
+    return augment
+
+
+@dataclass
+class TrainStep:
+    """What a model's ``training_step`` and epoch hooks may use: the cell, its device and optimisers, the
+    task loss, autocast and a backward pass that runs the model's ``on_after_backward``."""
+
+    model: nn.Module
+    data: CellData
+    device: torch.device
+    optimizers: list[torch.optim.Optimizer]
+
+    def loss(self, output: ModelOutput, batch: Batch) -> torch.Tensor:
+        return task_loss(output, batch)
+
+    def autocast(self):
+        return autocast(self.device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        hook = getattr(self.model, "on_after_backward", None)
+        if hook is not None:
+            hook()
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+
+def default_training_step(model: nn.Module, batch: Batch, step: TrainStep) -> torch.Tensor:
+    """Forward under autocast, task loss, backward (+ ``on_after_backward``), step every optimiser."""
+    with step.autocast():
+        loss = step.loss(model(batch), batch)
+    step.zero_grad()
+    step.backward(loss)
+    for optimizer in step.optimizers:
+        optimizer.step()
+    return loss.detach()
+
+
+def _make_optimizers(model: nn.Module, optimiser: str, lr: float, weight_decay: float
+                     ) -> list[torch.optim.Optimizer]:
+    """The model's ``configure_optimizers`` (given a factory with the cell's settings), else one optimiser
+    over every trainable parameter."""
+    if optimiser not in OPTIMISERS:
+        raise ValueError(f"optimiser must be one of {', '.join(OPTIMISERS)}; got {optimiser!r}")
+
+    def make_optimizer(parameters) -> torch.optim.Optimizer:
+        return OPTIMISERS[optimiser](parameters, lr=lr, weight_decay=weight_decay)
+
+    configure = getattr(model, "configure_optimizers", None)
+    if configure is None:
+        return [make_optimizer([p for p in model.parameters() if p.requires_grad])]
+    optimizers = list(configure(make_optimizer))
+    if not optimizers:
+        raise ValueError(f"{type(model).__name__}.configure_optimizers returned no optimiser")
+    return optimizers
+
+
+def _register_new_parameters(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> int:
+    """Add trainable parameters no optimiser holds (layers a hook created) to the first optimiser as one
+    new parameter group; returns how many were added."""
+    held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+    new = [p for p in model.parameters() if p.requires_grad and id(p) not in held]
+    if new:
+        optimizers[0].add_param_group({"params": new})
+    return len(new)
+
+
+def _make_schedulers(scheduler: dict | None, optimizers: list[torch.optim.Optimizer], epochs: int) -> list:
+    """One scheduler per optimiser: 'plateau' (ReduceLROnPlateau on validation loss, ``factor``, ``patience``)
+    or 'cosine' (CosineAnnealingLR over ``epochs``, ``eta_min``); none when ``scheduler`` is None."""
+    if scheduler is None:
+        return []
+    name = scheduler.get("name")
+    if name == "plateau":
+        return [torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=float(scheduler.get("factor", 0.5)),
+            patience=int(scheduler.get("patience", 10))) for optimizer in optimizers]
+    if name == "cosine":
+        return [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs,
+                                                           eta_min=float(scheduler.get("eta_min", 0.0)))
+                for optimizer in optimizers]
+    raise ValueError(f"scheduler name must be plateau or cosine; got {name!r}")
+
+
+def _call_hook(model: nn.Module, name: str, *args) -> None:
+    hook = getattr(model, name, None)
+    if hook is not None:
+        hook(*args)
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -248,13 +393,19 @@ def _write_history(rows: list[dict], path: Path) -> pd.DataFrame:
 
 def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, batch_size: int, lr: float,
         weight_decay: float, patience: int, seed: int, device: str = "auto", threads: int = 1,
-        run_key: str = "", log: logging.Logger | None = None) -> FitResult:
-    """Train ``model`` on ``data`` 'train', select the epoch with the best 'val' macro AUPRC (the lowest 'val'
-    loss when no label has both classes there, see ``selection_criterion``), stop after ``patience`` epochs
-    without gain. Writes ``model.pt`` (best state), ``checkpoint.pt`` (every epoch,
-    atomically) and ``history.csv`` into ``out_dir``. A checkpoint there is resumed from only when it was
-    written under the same ``run_key`` (a digest of the cell's settings and inputs) and selection criterion;
-    otherwise training starts over."""
+        run_key: str = "", log: logging.Logger | None = None, optimiser: str = "adamw",
+        scheduler: dict | None = None, selection: str = "val_auprc", min_epochs: int = 1,
+        augment: dict | None = None, inputs: dict | None = None) -> FitResult:
+    """Train ``model`` on ``data`` 'train' and select the epoch with the best 'val' ``selection`` metric (macro
+    AUPRC or AUROC; the lowest 'val' loss when no label has both classes there, see ``selection_criterion``);
+    stop after ``patience`` epochs without gain, never before ``min_epochs``. ``optimiser`` (adamw/adam) with
+    ``lr`` and ``weight_decay``, optional ``scheduler`` (see ``_make_schedulers``), X-ray ``augment`` settings
+    (see ``_augmentation``), and the model's hooks (module docstring; ``inputs`` reach ``on_fit_start``).
+
+    Writes ``model.pt`` (best state), ``checkpoint.pt`` (every epoch, atomically: weights, optimisers,
+    schedulers, hook state, random states) and ``history.csv`` into ``out_dir``. A checkpoint there is
+    resumed from only when it was written under the same ``run_key`` (a digest of the cell's settings and
+    inputs) and selection criterion; otherwise training starts over."""
     log = log or logging.getLogger("ehrcxr.train")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -262,79 +413,110 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
     for split in ("train", "val"):
         if len(data.splits[split]) == 0:
             raise ValueError(f"cell {data.task}/{data.missing}: the {split} set is empty")
-    if epochs < 1 or patience < 1 or batch_size < 1:
-        raise ValueError(f"epochs, patience and batch_size must be positive; got {epochs}, {patience}, {batch_size}")
+    if epochs < 1 or patience < 1 or batch_size < 1 or min_epochs < 1:
+        raise ValueError(f"epochs, patience, batch_size and min_epochs must be positive; got {epochs}, {patience}, "
+                         f"{batch_size}, {min_epochs}")
     resolved = resolve_device(device)
     configure_device(resolved, threads)
     seed_everything(seed)
     model.to(resolved)
     if resolved.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    prefix_seconds = precompute_cxr_features(model, data, resolved, max(batch_size, 256), log)
-    selection_metric, val_labels_with_both_classes = selection_criterion(data, log)
+    augment = _augmentation(model, data, augment, log)
+    prefix_seconds = 0.0 if augment else precompute_cxr_features(model, data, resolved, max(batch_size, 256), log)
+    selection_metric, val_labels_with_both_classes = selection_criterion(data, log, selection)
+    _call_hook(model, "on_fit_start", data, dict(inputs or {}))
 
     generator = torch.Generator().manual_seed(seed)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    augment_generator = torch.Generator(device=resolved).manual_seed(seed)
+    optimizers = _make_optimizers(model, optimiser, lr, weight_decay)
+    schedulers = _make_schedulers(scheduler, optimizers, epochs)
+    step = TrainStep(model, data, resolved, optimizers)
+    training_step = getattr(model, "training_step", None)
     train_loader = _loader(data.splits["train"], batch_size, resolved, threads, generator)
     val_loader = _loader(data.splits["val"], max(batch_size, 256), resolved, threads)
 
+    hook_state = getattr(model, "hook_state_dict", None)
     start_epoch, best_epoch, best_score, stale = 1, 0, float("-inf"), 0
     best_state: dict | None = None
+    best_hooks = None  # the hook state that goes with best_state (hooks may add layers later)
     history: list[dict] = []
     checkpoint = _load_checkpoint(checkpoint_path, run_key, selection_metric, log)
     if checkpoint is not None:
+        if checkpoint["hooks"] is not None:
+            model.load_hook_state_dict(checkpoint["hooks"])
+            model.to(resolved)
+            _register_new_parameters(model, optimizers)
         model.load_state_dict(checkpoint["model"])
-        optimiser.load_state_dict(checkpoint["optimiser"])
+        for optimizer, state in zip(optimizers, checkpoint["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
+        for scheduler_, state in zip(schedulers, checkpoint["schedulers"], strict=True):
+            scheduler_.load_state_dict(state)
         start_epoch = checkpoint["epoch"] + 1
         best_epoch, best_score, stale = checkpoint["best_epoch"], checkpoint["best_score"], checkpoint["stale"]
-        best_state, history = checkpoint["best_state"], checkpoint["history"]
+        best_state, best_hooks, history = checkpoint["best_state"], checkpoint["best_hooks"], checkpoint["history"]
         _set_rng_state(checkpoint["rng"], generator)
+        augment_generator.set_state(checkpoint["augment_rng"])
         log.info("resuming from %s after epoch %d (best epoch %d)", checkpoint_path, checkpoint["epoch"], best_epoch)
 
     epoch = start_epoch - 1
-    stopped_early = stale >= patience
+    stopped_early = stale >= patience and epoch >= min_epochs
     while not stopped_early and epoch < epochs:
         epoch += 1
         started = time.perf_counter()
+        _call_hook(model, "on_train_epoch_start", epoch, step)
+        _register_new_parameters(model, optimizers)
         model.train()
         total_loss, total_count = 0.0, 0
         for batch in train_loader:
-            batch = _to_device(batch, resolved)
-            with autocast(resolved):
-                output = model(batch)
-                loss = F.binary_cross_entropy_with_logits(output.logits.float(), batch.labels)
-                for aux in output.aux_losses.values():
-                    loss = loss + aux.float()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total_loss += float(loss.detach()) * len(batch)
+            batch = prepare_batch(batch, resolved, augment, augment_generator)
+            if training_step is not None:
+                loss = training_step(batch, step)
+            else:
+                loss = default_training_step(model, batch, step)
+            total_loss += float(loss) * len(batch)
             total_count += len(batch)
+        _call_hook(model, "on_train_epoch_end", epoch, step)
+        _register_new_parameters(model, optimizers)
         val_labels, val_probabilities, val_loss = _evaluate(model, val_loader, resolved)
         val_auprc, val_auroc = macro_scores(val_labels, val_probabilities)
-        score = _selection_score(selection_metric, val_auprc, val_loss)
+        lr_now = optimizers[0].param_groups[0]["lr"]
+        for scheduler_ in schedulers:
+            if isinstance(scheduler_, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler_.step(val_loss)
+            else:
+                scheduler_.step()
+        score = _selection_score(selection_metric, {"val_auprc": val_auprc, "val_auroc": val_auroc,
+                                                    "val_loss": val_loss})
         if best_state is None or score > best_score:
             best_epoch, best_score, stale = epoch, score, 0
             best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+            best_hooks = hook_state() if hook_state else None
             _atomic_save(best_state, model_path)
         else:
             stale += 1
-        stopped_early = stale >= patience
+        stopped_early = stale >= patience and epoch >= min_epochs
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch, "train_loss": total_loss / total_count, "val_loss": val_loss,
-                        "val_auprc": val_auprc, "val_auroc": val_auroc, "seconds": seconds})
-        _atomic_save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "epoch": epoch,
-                      "best_epoch": best_epoch, "best_score": best_score, "stale": stale,
-                      "best_state": best_state, "history": history, "rng": _rng_state(generator),
-                      "run_key": run_key, "selection_metric": selection_metric},
+                        "val_auprc": val_auprc, "val_auroc": val_auroc, "lr": lr_now, "seconds": seconds})
+        _atomic_save({"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                      "schedulers": [s.state_dict() for s in schedulers],
+                      "hooks": hook_state() if hook_state else None, "epoch": epoch, "best_epoch": best_epoch,
+                      "best_score": best_score, "stale": stale, "best_state": best_state, "best_hooks": best_hooks,
+                      "history": history, "rng": _rng_state(generator),
+                      "augment_rng": augment_generator.get_state(), "run_key": run_key,
+                      "selection_metric": selection_metric},
                      checkpoint_path)
         _write_history(history, history_path)
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val AUPRC %.4f, val AUROC %.4f (best epoch %d) %.1f s",
-                 epoch, history[-1]["train_loss"], val_loss, val_auprc, val_auroc, best_epoch, seconds)
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val AUPRC %.4f, val AUROC %.4f, lr %.3g (best epoch %d) "
+                 "%.1f s", epoch, history[-1]["train_loss"], val_loss, val_auprc, val_auroc, lr_now, best_epoch,
+                 seconds)
     if stopped_early:
         log.info("early stop after epoch %d: no %s gain for %d epochs", epoch, selection_metric, patience)
 
+    if best_hooks is not None:
+        model.load_hook_state_dict(best_hooks)
+        model.to(resolved)
     model.load_state_dict(best_state)
     if not model_path.exists():
         _atomic_save(best_state, model_path)
@@ -342,4 +524,4 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
     return FitResult(best_epoch=best_epoch, best_val_auprc=float(history[best_epoch - 1]["val_auprc"]),
                      selection_metric=selection_metric, val_labels_with_both_classes=val_labels_with_both_classes,
                      epochs_run=epoch, stopped_early=stopped_early, history=history_frame,
-                     device=str(resolved), prefix_seconds=prefix_seconds)
+                     device=str(resolved), prefix_seconds=prefix_seconds, augmented=augment is not None)
