@@ -13,7 +13,7 @@ import xarray as xr
 
 from ehrcxr.data.cxr import load_cxr_cache
 from ehrcxr.data.tasks import task_labels, task_stays
-from ehrcxr.models.base import Batch
+from ehrcxr.batch import Batch
 
 log = logging.getLogger("ehrcxr.data")
 
