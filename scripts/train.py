@@ -7,5 +7,4 @@ from ehrcxr.train.cell import run_cell
 log_to(snakemake.log[0])
 run_cell(inputs=dict(snakemake.input.items()), out_dir=Path(snakemake.output.metrics).parent,
          task=snakemake.wildcards.task, model=snakemake.wildcards.model, missing=snakemake.wildcards.missing,
-         seed=int(snakemake.wildcards.seed), model_params=snakemake.params.model, cxr_params=snakemake.params.cxr,
-         train_params=snakemake.params.train, threads=snakemake.threads)
+         seed=int(snakemake.wildcards.seed), settings=snakemake.params.settings, threads=snakemake.threads)

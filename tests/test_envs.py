@@ -184,7 +184,8 @@ def script_rules(workflow_rules) -> dict[str, Rule]:
 
 def test_every_running_rule_has_a_conda_env_a_log_and_a_script(workflow_rules):
     names = {rule["name"] for rule in workflow_rules}
-    assert {"synthesize", "cohort", "ehr_tensor", "cxr_cache", "pretrain_cxr", "train", "aggregate"} <= names
+    assert {"synthesize", "cohort", "ehr_tensor", "cxr_cache", "pretrain_cxr", "pretrain_ehr", "train",
+            "aggregate"} <= names
     problems = []
     for rule in workflow_rules:
         if not rule["runs"]:  # target rules such as `all` run nothing
@@ -241,7 +242,7 @@ def test_dynamic_imports_are_declared():
 
 def test_gpu_rules_envs_ask_for_a_cuda_build(script_rules):
     gpu_rules = {name for name, rule in script_rules.items() if rule.gpu}
-    assert {"train", "pretrain_cxr"} <= gpu_rules
+    assert {"train", "pretrain_cxr", "pretrain_ehr"} <= gpu_rules
     for name in gpu_rules:
         needs, _ = script_needs(script_rules[name].script)
         assert any(need.packages == IMPORT_PACKAGES["torch"] for need in needs), (

@@ -287,8 +287,8 @@ def test_a_run_without_the_selection_record_is_outdated(runs):
     with pytest.raises(ValueError, match=r"1 of 4 runs are outdated.*\n  .*phenotyping/lstm/natural/seed2: its "
                                          "metrics.json does not record the model-selection criterion"):
         aggregate_runs(runs["dirs"], runs["root"] / "t.csv", runs["root"] / "t.md", n_boot=10)
-    metrics_path.write_text(json.dumps({**metrics, "selection_metric": "val_auroc"}))
-    with pytest.raises(ValueError, match="selection_metric 'val_auroc' is not one of"):
+    metrics_path.write_text(json.dumps({**metrics, "selection_metric": "val_f1"}))
+    with pytest.raises(ValueError, match="selection_metric 'val_f1' is not one of"):
         aggregate_runs(runs["dirs"], runs["root"] / "t.csv", runs["root"] / "t.md", n_boot=10)
 
 

@@ -1,9 +1,10 @@
 """Exact partial reruns and failed cells, through the snakemake CLI on a tiny grid.
 
-One real run of a 3-cell grid (mortality × {ehr_lstm, late_fusion, cxr_resnet} × natural × seed 1) is shared by
-the workflow tests; each config change is checked with a dry run: only the jobs that read the changed setting are
-planned. Then a changed setting retrains a cell for real, and one cell is made to fail for real while the others
-finish and `aggregate_available` tabulates them.
+One real run of a 4-cell grid (mortality × {ehr_lstm, late_fusion, cxr_resnet, medfuse} × natural × seed 1, with
+the seed's CXR pretraining and medfuse's EHR pretraining) is shared by the workflow tests; each config change is
+checked with a dry run: only the jobs that read the changed setting are planned. Then a changed setting retrains
+a cell for real, and one cell is made to fail for real while the others finish and `aggregate_available`
+tabulates them.
 """
 from __future__ import annotations
 
@@ -28,12 +29,15 @@ from test_workflow import tiny_config
 REPO = Path(__file__).resolve().parents[1]
 RUNS = Path("results/synthetic/runs")
 TABLES = Path("results/synthetic/tables")
-MODELS = ("ehr_lstm", "late_fusion", "cxr_resnet")  # EHR only, both modalities, CXR only
+# EHR only; both modalities, pretrained cxr; CXR only, pretrained cxr; both modalities, pretrained ehr and cxr
+MODELS = ("ehr_lstm", "late_fusion", "cxr_resnet", "medfuse")
+CXR_MODELS = {"late_fusion", "cxr_resnet", "medfuse"}
 CELLS = {model: f"mortality/{model}/natural/seed1" for model in MODELS}
 
 
 def rerun_config() -> dict:
-    """The smallest grid that still has an EHR-only, a fusion and a CXR-only cell."""
+    """The smallest grid that still has an EHR-only, a CXR-only and two fusion cells, one loading both
+    pretraining stages."""
     config = tiny_config()
     config["synthetic"].update(n_stays=200)
     config["tasks"] = ["mortality"]
@@ -55,11 +59,16 @@ def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedPr
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
-def planned(workdir: Path, config: dict, *targets: str) -> tuple[dict[str, int], set[str]]:
-    """Dry run: the number of jobs per rule, and the cells (task/model/missing/seedN) that would be trained."""
+def dry_run(workdir: Path, config: dict, *targets: str) -> str:
     result = snakemake(workdir, config, *targets, "--dry-run")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
+    return output
+
+
+def planned(workdir: Path, config: dict, *targets: str) -> tuple[dict[str, int], set[str]]:
+    """Dry run: the number of jobs per rule, and the cells (task/model/missing/seedN) that would be trained."""
+    output = dry_run(workdir, config, *targets)
     if "Nothing to be done" in output:
         return {}, set()
     stats = output[output.index("Job stats:"):]
@@ -68,6 +77,13 @@ def planned(workdir: Path, config: dict, *targets: str) -> tuple[dict[str, int],
     cells = set(re.findall(r"^\s*output: \S*runs/([^/\s]+/[^/\s]+/[^/\s]+/seed\d+)/metrics\.json", output,
                            re.MULTILINE))
     return jobs, cells
+
+
+def planned_encoders(workdir: Path, config: dict) -> set[str]:
+    """Dry run: the pretrained encoders (under results/synthetic/pretrain/) that would be built."""
+    outputs = ", ".join(re.findall(r"^\s*output: (.+)$", dry_run(workdir, config), re.MULTILINE)).split(", ")
+    return {path.removeprefix("results/synthetic/pretrain/") for path in outputs
+            if path.startswith("results/synthetic/pretrain/") and path.endswith(".pt")}
 
 
 @pytest.fixture(scope="module")
@@ -94,25 +110,27 @@ def test_evaluation_setting_reruns_only_the_aggregation(workdir):
     assert planned(workdir, config) == ({"aggregate": 1, "all": 1}, set())
 
 
-def test_training_setting_reruns_every_cell_but_no_data_stage(workdir):
+def test_training_setting_reruns_every_cell_and_ehr_pretraining_but_no_data_stage(workdir):
+    # medfuse's EHR pretraining trains with its train: settings; CXR pretraining has its own pretrain: section
     config = rerun_config()
     config["train"]["lr"] = 0.002
-    assert planned(workdir, config) == ({"train": 3, "aggregate": 1, "all": 1}, set(CELLS.values()))
+    assert planned(workdir, config) == ({"pretrain_ehr": 1, "train": 4, "aggregate": 1, "all": 1},
+                                        set(CELLS.values()))
 
 
 def test_cxr_image_size_reruns_the_image_stages_and_cxr_cells_only(workdir):
     config = rerun_config()
     config["cxr"]["image_size"] = 32
     jobs, cells = planned(workdir, config)
-    assert jobs == {"cxr_cache": 1, "pretrain_cxr": 1, "train": 2, "aggregate": 1, "all": 1}
-    assert cells == {CELLS["late_fusion"], CELLS["cxr_resnet"]}
+    assert jobs == {"cxr_cache": 1, "pretrain_cxr": 1, "train": 3, "aggregate": 1, "all": 1}
+    assert cells == {CELLS[model] for model in CXR_MODELS}
 
 
 def test_frozen_stages_reruns_the_cxr_cells_but_not_pretraining(workdir):
     config = rerun_config()
     config["cxr"]["frozen_stages"] = 2
-    assert planned(workdir, config) == ({"train": 2, "aggregate": 1, "all": 1},
-                                        {CELLS["late_fusion"], CELLS["cxr_resnet"]})
+    assert planned(workdir, config) == ({"train": 3, "aggregate": 1, "all": 1},
+                                        {CELLS[model] for model in CXR_MODELS})
 
 
 def test_cohort_setting_reruns_everything_after_synthesis(workdir):
@@ -120,9 +138,54 @@ def test_cohort_setting_reruns_everything_after_synthesis(workdir):
     config = rerun_config()
     config["cohort"]["min_age"] = 19
     jobs, cells = planned(workdir, config)
-    assert jobs == {"cohort": 1, "ehr_tensor": 1, "cxr_cache": 1, "pretrain_cxr": 1, "train": 3, "aggregate": 1,
-                    "all": 1}
+    assert jobs == {"cohort": 1, "ehr_tensor": 1, "cxr_cache": 1, "pretrain_cxr": 1, "pretrain_ehr": 1, "train": 4,
+                    "aggregate": 1, "all": 1}
     assert cells == set(CELLS.values())
+
+
+def _published_medfuse(config: dict, mode: str) -> None:
+    config["settings"] = mode
+    config["models"]["medfuse"]["published"] = {"train": {"optimiser": "adam", "lr": 0.0001}}
+
+
+@pytest.mark.parametrize("change, jobs, models", [
+    pytest.param(lambda c: c["models"]["late_fusion"].update(train={"optimiser": "adam"}), {"train": 1},
+                 {"late_fusion"}, id="a model's own train override"),
+    pytest.param(lambda c: c["train"].update(selection="val_auroc"), {"pretrain_ehr": 1, "train": 4}, set(MODELS),
+                 id="a new train key"),
+    pytest.param(lambda c: c["cxr"].update(augment=None), {"train": 3}, CXR_MODELS, id="cxr augmentation"),
+    pytest.param(lambda c: c["pretrain"].update(epochs=2), {"pretrain_cxr": 1, "train": 3}, CXR_MODELS,
+                 id="cxr pretraining"),
+    pytest.param(lambda c: c["models"]["medfuse"]["params"].update(hidden=32), {"pretrain_ehr": 1, "train": 1},
+                 {"medfuse"}, id="params of the ehr-pretrained model"),
+    pytest.param(lambda c: c["models"]["medfuse"].update(pretrained=["cxr"]), {"train": 1}, {"medfuse"},
+                 id="ehr pretraining dropped"),
+    pytest.param(lambda c: c["models"]["late_fusion"].pop("pretrained"), {"train": 1}, {"late_fusion"},
+                 id="cxr pretraining dropped"),
+    pytest.param(lambda c: _published_medfuse(c, "harmonised"), {}, set(), id="published block, harmonised"),
+    pytest.param(lambda c: _published_medfuse(c, "published"), {"pretrain_ehr": 1, "train": 1}, {"medfuse"},
+                 id="published block, published"),
+])
+def test_model_settings_rerun_exactly_the_jobs_that_use_them(workdir, change, jobs, models):
+    config = rerun_config()
+    change(config)
+    expected = ({**jobs, "aggregate": 1, "all": 1}, {CELLS[model] for model in models}) if jobs else ({}, set())
+    assert planned(workdir, config) == expected
+
+
+def test_pretraining_is_per_seed_and_per_cxr_depth(workdir):
+    config = rerun_config()
+    config["seeds"] = [1, 2]
+    jobs, cells = planned(workdir, config)
+    assert jobs == {"pretrain_cxr": 1, "pretrain_ehr": 1, "train": 4, "aggregate": 1, "all": 1}
+    assert cells == {cell.replace("seed1", "seed2") for cell in CELLS.values()}
+    assert planned_encoders(workdir, config) == {"seed2/cxr_resnet18.pt", "seed2/ehr/mortality/medfuse.pt"}
+
+    config = rerun_config()
+    config["models"]["cxr_resnet"]["cxr"] = {"depth": 34}  # its own encoder; the others keep ResNet-18's
+    assert planned(workdir, config) == ({"pretrain_cxr": 1, "train": 1, "aggregate": 1, "all": 1},
+                                        {CELLS["cxr_resnet"]})
+    assert planned_encoders(workdir, config) == {"seed1/cxr_resnet34.pt"}
 
 
 def test_deleted_metrics_rebuild_only_their_job(workdir):
@@ -180,7 +243,7 @@ def test_failed_cell_keeps_going_and_available_results_list_it(workdir):
     assert result.returncode == 0, result.stderr[-5000:]
 
     table = pd.read_csv(workdir / TABLES / "available_results.csv")
-    assert set(table["model"]) == {"late_fusion", "cxr_resnet", "oracle"}
+    assert set(table["model"]) == {"late_fusion", "cxr_resnet", "medfuse", "oracle"}
     predictions = pd.read_parquet(workdir / RUNS / CELLS["late_fusion"] / "predictions.parquet")
     partial = predictions[predictions["eval_set"] == "partial_test"]
     row = table[(table["model"] == "late_fusion") & (table["eval_set"] == "partial_test")
@@ -190,22 +253,72 @@ def test_failed_cell_keeps_going_and_available_results_list_it(workdir):
 
     markdown = (workdir / TABLES / "available_results.md").read_text()
     assert markdown.startswith("# Available results")
-    missing = markdown.split("## Missing cells: 1 of 3 runs")[1].split("\n## ")[0]
+    missing = markdown.split("## Missing cells: 1 of 4 runs")[1].split("\n## ")[0]
     assert _markdown_rows(missing) == [["mortality", "ehr_lstm", "natural", "1", str(RUNS / CELLS["ehr_lstm"])]]
     log = (workdir / "logs/synthetic/aggregate_available.log").read_text()
-    assert f"1 of 3 runs are missing and left out of the tables: {RUNS / CELLS['ehr_lstm']}" in log
+    assert f"1 of 4 runs are missing and left out of the tables: {RUNS / CELLS['ehr_lstm']}" in log
 
 
 def _write_run(run_dir: Path, model: str, stays: np.ndarray, paired: np.ndarray, y: np.ndarray,
-               p: np.ndarray) -> Path:
+               p: np.ndarray, missing: str = "natural", seed: int = 1, selection: str = "val_auprc") -> Path:
     run_dir.mkdir(parents=True)
     frame = pd.DataFrame({"stay_id": stays, "y_mortality": y, "p_mortality": p})
     pd.concat([frame[paired].assign(eval_set="paired_test"), frame.assign(eval_set="partial_test")]).to_parquet(
         run_dir / "predictions.parquet")
     (run_dir / "metrics.json").write_text(json.dumps(
-        {"task": "mortality", "model": model, "missing": "natural", "seed": 1, "labels": ["mortality"],
-         "selection_metric": "val_auprc"}))
+        {"task": "mortality", "model": model, "missing": missing, "seed": seed, "labels": ["mortality"],
+         "selection_metric": selection}))
     return run_dir
+
+
+def test_ehr_only_runs_at_one_rate_are_reported_at_every_rate(tmp_path):
+    rng = np.random.default_rng(1)
+    stays, y = np.arange(200, 240), np.tile([0, 1, 0, 1, 1], 8)
+    paired = stays % 3 != 0
+    p = {name: rng.random(40) for name in ("lstm_natural", "lstm_seed1", "lstm_seed2", "fusion_0.1", "fusion_0.5")}
+    runs = tmp_path / "runs" / "mortality"
+    run_dirs = [
+        _write_run(runs / "lstm/natural/seed1", "lstm", stays, paired, y, p["lstm_natural"]),
+        _write_run(runs / "lstm/miss0.1/seed1", "lstm", stays, paired, y, p["lstm_seed1"], "miss0.1", 1, "val_auroc"),
+        _write_run(runs / "lstm/miss0.1/seed2", "lstm", stays, paired, y, p["lstm_seed2"], "miss0.1", 2, "val_auroc"),
+        _write_run(runs / "fusion/miss0.1/seed1", "fusion", stays, paired, y, p["fusion_0.1"], "miss0.1"),
+        _write_run(runs / "fusion/miss0.5/seed1", "fusion", stays, paired, y, p["fusion_0.5"], "miss0.5", 1,
+                   "val_loss"),
+    ]
+    out_csv, out_md = tmp_path / "main.csv", tmp_path / "main.md"
+    grid = ["natural", "miss0.1", "miss0.5", "miss0.9"]
+    table = aggregate_runs(run_dirs, out_csv, out_md, n_boot=10, ehr_only_models=["lstm"], grid_missing=grid)
+    written = pd.read_csv(out_csv)
+    assert written[["model", "missing", "run_missing"]].equals(table[["model", "missing", "run_missing"]])
+    macro = table[table["metric"] == "auroc"].set_index(["model", "missing", "eval_set"])
+    # the EHR-only model's two miss0.1 runs give its rows at every miss<r> of the grid; the fusion model only has
+    # the rates it was trained at
+    assert set(macro.index.droplevel("eval_set")) == {("lstm", "natural"), ("lstm", "miss0.1"), ("lstm", "miss0.5"),
+                                                     ("lstm", "miss0.9"), ("fusion", "miss0.1"), ("fusion", "miss0.5")}
+    for eval_set, rows in (("paired_test", paired), ("partial_test", slice(None))):
+        pooled = np.mean([roc_auc_score(y[rows], p[f"lstm_seed{seed}"][rows]) for seed in (1, 2)])
+        for missing in ("miss0.1", "miss0.5", "miss0.9"):
+            row = macro.loc[("lstm", missing, eval_set)]
+            assert row["estimate"] == pytest.approx(pooled)
+            assert (row["run_missing"], row["n_seeds"], row["selection"]) == ("miss0.1", 2, "val_auroc")
+        assert macro.loc[("lstm", "natural", eval_set), "estimate"] == pytest.approx(
+            roc_auc_score(y[rows], p["lstm_natural"][rows]))
+    assert (macro.xs("fusion")["run_missing"] == macro.xs("fusion").index.get_level_values("missing")).all()
+    assert macro.loc[("lstm", "natural", "paired_test"), "run_missing"] == "natural"
+
+    markdown = out_md.read_text()
+    assert ("**† EHR-only: one run serves every miss<r>.**" in markdown
+            and "mortality/lstm: 2 run(s) at miss0.1 also give miss0.5, miss0.9." in markdown)
+    assert "**Selected without validation AUPRC**: mortality/fusion/miss0.5 (val_loss)." in markdown  # not val_auroc
+    auroc = markdown.split("## mortality — paired_test")[1].split("### Macro AUROC")[1].split("\n## ")[0]
+    header, lstm = auroc.strip().splitlines()[0], next(r for r in _markdown_rows(auroc) if r[0] == "lstm")
+    assert [cell.strip() for cell in header.strip("|").split("|")] == ["model", "natural", "miss0.1", "miss0.5",
+                                                                      "miss0.9"]
+    assert [cell.endswith("†") for cell in lstm[1:]] == [False, False, True, True]
+
+    # without the grid, every row is its own runs'
+    plain = aggregate_runs(run_dirs, out_csv, out_md, n_boot=10)
+    assert (plain["run_missing"] == plain["missing"]).all() and "miss0.9" not in set(plain["missing"])
 
 
 def test_aggregate_lists_missing_runs_and_checks_shared_test_stays(tmp_path):

@@ -41,7 +41,7 @@ SLURM_JOBS = {
     "rule_cohort_wildcards_synthetic": "cohort",
     "rule_ehr_tensor_wildcards_synthetic_mortality": "ehr_tensor",
     "rule_cxr_cache_wildcards_synthetic": "cxr_cache",
-    "rule_pretrain_cxr_wildcards_synthetic": "pretrain_cxr",
+    "rule_pretrain_cxr_wildcards_synthetic_1_18": "pretrain_cxr",
     "rule_train_wildcards_synthetic_mortality_ehr_lstm_natural_1": "train",
     "rule_train_wildcards_synthetic_mortality_late_fusion_natural_1": "train",
     "rule_aggregate_wildcards_synthetic": "aggregate",

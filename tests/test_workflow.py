@@ -25,7 +25,7 @@ def tiny_config() -> dict:
     config["cxr"].update(image_size=64, frozen_stages=3)
     config["pretrain"].update(epochs=1)
     config["train"].update(epochs=2, patience=1)
-    config["missing"] = ["natural", "miss0.5"]
+    config["missing"] = ["natural", "miss0.0", "miss0.5"]
     config["evaluate"].update(n_bootstrap=50)
     return config
 
@@ -44,14 +44,71 @@ def workdir(tmp_path_factory) -> Path:
     return workdir
 
 
+def dry_run(workdir: Path, config: dict, *targets: str) -> tuple[dict[str, int], list[str]]:
+    """Jobs per rule and the sorted outputs of the planned jobs, for ``config`` written to ``workdir``."""
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, *targets, "--dry-run")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    stats = output[output.index("Job stats:"):]
+    jobs = {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)\s*$", stats[:stats.index("\ntotal")], re.M)}
+    outputs = [path for line in re.findall(r"^\s*output: (.+)$", output, re.MULTILINE) for path in line.split(", ")]
+    return jobs, sorted(outputs)
+
+
 def test_single_target_builds_only_its_ancestors(workdir):
     target = "results/synthetic/runs/mortality/ehr_lstm/natural/seed1/metrics.json"
     result = snakemake(workdir, target, "--dry-run", "--quiet", "rules")
     assert result.returncode == 0, result.stderr
     rules = {line.split()[0] for line in result.stdout.splitlines() if line and line.split()[0] in
-             {"synthesize", "cohort", "ehr_tensor", "cxr_cache", "pretrain_cxr", "train", "aggregate"}}
+             {"synthesize", "cohort", "ehr_tensor", "cxr_cache", "pretrain_cxr", "pretrain_ehr", "train", "aggregate"}}
     # an EHR-only cell needs the CXR index (to know which stays are paired) but neither pretraining nor aggregation
     assert rules == {"synthesize", "cohort", "ehr_tensor", "cxr_cache", "train"}
+
+
+def test_declared_pretrained_parts_drive_the_dag(tmp_path):
+    results = "results/synthetic"
+    cell = f"{results}/runs/mortality/{{model}}/miss0.5/seed{{seed}}/metrics.json"
+    jobs, outputs = dry_run(tmp_path, tiny_config(), cell.format(model="medfuse", seed=1))
+    # medfuse declares [ehr, cxr]: its own EHR encoder for the task and the seed's ResNet-18 CheXpert encoder
+    assert jobs == {"synthesize": 1, "cohort": 1, "ehr_tensor": 1, "cxr_cache": 1, "pretrain_cxr": 1,
+                    "pretrain_ehr": 1, "train": 1}
+    assert [path for path in outputs if "/pretrain/" in path] == [
+        f"{results}/pretrain/seed1/cxr_resnet18.pt", f"{results}/pretrain/seed1/cxr_resnet18_history.csv",
+        f"{results}/pretrain/seed1/ehr/mortality/medfuse.pt",
+        f"{results}/pretrain/seed1/ehr/mortality/medfuse/history.csv"]
+
+    # a CXR model that declares nothing starts from cxr.weights; one overriding cxr.depth gets its own encoder,
+    # and every seed its own
+    config = tiny_config()
+    del config["models"]["late_fusion"]["pretrained"]
+    config["models"]["cxr_resnet"]["cxr"] = {"depth": 34}
+    config["seeds"] = [1, 2]
+    jobs, outputs = dry_run(tmp_path, config, cell.format(model="late_fusion", seed=1),
+                            *(cell.format(model="cxr_resnet", seed=seed) for seed in (1, 2)))
+    assert jobs["train"] == 3 and "pretrain_ehr" not in jobs
+    assert [path for path in outputs if path.endswith(".pt") and "/pretrain/" in path] == [
+        f"{results}/pretrain/seed1/cxr_resnet34.pt", f"{results}/pretrain/seed2/cxr_resnet34.pt"]
+
+    # the whole grid: one CXR encoder per seed and depth, one EHR encoder per task for medfuse only
+    jobs, outputs = dry_run(tmp_path, tiny_config())
+    assert jobs["pretrain_cxr"] == 1 and jobs["pretrain_ehr"] == 2
+    assert {path for path in outputs if path.endswith(".pt") and "/pretrain/" in path} == {
+        f"{results}/pretrain/seed1/cxr_resnet18.pt", f"{results}/pretrain/seed1/ehr/mortality/medfuse.pt",
+        f"{results}/pretrain/seed1/ehr/phenotyping/medfuse.pt"}
+
+
+def test_default_config_trains_ehr_only_models_at_the_first_miss_rate_only(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    jobs, outputs = dry_run(tmp_path, config)
+    cells = {tuple(path.split("/")[3:6]) for path in outputs if path.endswith("/metrics.json")}
+    ehr_only = {"ehr_lstm", "ehr_transformer"}
+    assert {name for name, entry in config["models"].items() if entry["modalities"] == ["ehr"]} == ehr_only
+    assert config["missing"] == ["natural", "miss0.0", "miss0.5"]
+    # the 4 CXR models at all 3 settings, the 2 EHR-only ones at natural and miss0.0 (not miss0.5), for 2 tasks
+    expected = {(task, model, missing) for task in ("phenotyping", "mortality") for model in config["models"]
+                for missing in config["missing"] if not (model in ehr_only and missing == "miss0.5")}
+    assert cells == expected and jobs["train"] == 2 * (4 * 3 + 2 * 2) == 32
 
 
 def test_lint_is_clean(workdir):
@@ -69,17 +126,52 @@ def test_config_is_validated_against_the_schema(tmp_path):
     assert "Error validating config file" in output and "'drop50' does not match" in output
 
 
+def test_settings_the_shared_stages_cannot_honour_are_config_errors(tmp_path):
+    for model, entry, message in [
+        ("ehr_lstm", {"pretrained": ["cxr"]}, "model 'ehr_lstm': pretrained must list parts of its modalities"),
+        ("drfuse", {"cxr": {"weights": "imagenet"}}, "model 'drfuse' declares pretrained: [cxr], so its encoder comes "
+                                                     "from pretrain_cxr, which starts from cxr.weights None, not its "
+                                                     "own 'imagenet'"),
+        ("late_fusion", {"cxr": {"image_size": 32}}, "model 'late_fusion': cxr.image_size 32 differs from the image "
+                                                     "cache's 64"),
+    ]:
+        config = tiny_config()
+        config["models"][model].update(entry)
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        result = snakemake(tmp_path, "--dry-run")
+        assert result.returncode != 0 and message in result.stdout + result.stderr, (result.stdout + result.stderr)
+
+
 def test_whole_grid_runs_to_the_tables(workdir):
     result = snakemake(workdir)
     assert result.returncode == 0, result.stderr[-5000:]
     config = tiny_config()
     table = pd.read_csv(workdir / "results/synthetic/tables/main_results.csv")
-    assert list(table.columns) == ["task", "model", "missing", "eval_set", "metric", "estimate", "ci_low",
-                                   "ci_high", "n_seeds", "selection", "n_stays", "n_positive", "n_labels_scored",
-                                   "single_class_labels"]
+    assert list(table.columns) == ["task", "model", "missing", "run_missing", "eval_set", "metric", "estimate",
+                                   "ci_low", "ci_high", "n_seeds", "selection", "n_stays", "n_positive",
+                                   "n_labels_scored", "single_class_labels"]
     macro = table[table["metric"].isin(["auroc", "auprc"])]
     cells = {(t, m, s) for t in config["tasks"] for m in config["models"] for s in config["missing"]}
     assert {tuple(row) for row in macro[macro["model"] != "oracle"][["task", "model", "missing"]].values} == cells
+    # EHR-only models were trained at natural and miss0.0 only; their miss0.5 rows are the miss0.0 run's
+    runs = workdir / "results/synthetic/runs"
+    assert not any((runs / task / model / "miss0.5").exists() for task in config["tasks"]
+                   for model in ("ehr_lstm", "ehr_transformer"))
+    shared = macro[macro["run_missing"] != macro["missing"]]
+    assert set(zip(shared["model"], shared["missing"], shared["run_missing"])) == {
+        ("ehr_lstm", "miss0.5", "miss0.0"), ("ehr_transformer", "miss0.5", "miss0.0")}
+    trained = macro.set_index(["task", "model", "missing", "eval_set", "metric"])
+    for row in shared.itertuples():
+        source = trained.loc[(row.task, row.model, "miss0.0", row.eval_set, row.metric)]
+        assert (row.estimate, row.ci_low, row.ci_high, row.n_seeds) == pytest.approx(
+            (source["estimate"], source["ci_low"], source["ci_high"], 1), nan_ok=True)
+    assert "mortality/ehr_lstm: 1 run(s) at miss0.0 also give miss0.5" in (
+        workdir / "results/synthetic/tables/main_results.md").read_text()
+    # per-seed pretraining: the seed's CXR encoder and medfuse's EHR encoder of each task
+    pretrain = workdir / "results/synthetic/pretrain/seed1"
+    for path in ("cxr_resnet18.pt", "cxr_resnet18_history.csv", "ehr/mortality/medfuse.pt",
+                 "ehr/phenotyping/medfuse/history.csv"):
+        assert (pretrain / path).is_file(), path
     assert set(macro["eval_set"]) == {"paired_test", "partial_test"}
     assert set(table.loc[table["model"] == "oracle", "task"]) == set(config["tasks"])
     # percentile intervals need not contain the estimate (AUPRC is biased upward under resampling)

@@ -1,3 +1,5 @@
+# CXR encoder per seed and ResNet depth: a model overriding cxr.depth gets its own. Not cxr.frozen_stages or
+# cxr.image_size in params: the first is a training setting, the second reaches this rule through the cache.
 rule pretrain_cxr:
     input:
         stays="results/{dataset}/cohort/stays.parquet",
@@ -5,17 +7,16 @@ rule pretrain_cxr:
         images="results/{dataset}/cxr/images.npy",
         index="results/{dataset}/cxr/index.parquet",
     output:
-        encoder="results/{dataset}/pretrain/cxr_encoder.pt",
-        history="results/{dataset}/pretrain/history.csv",
+        encoder="results/{dataset}/pretrain/seed{seed}/cxr_resnet{depth}.pt",
+        history="results/{dataset}/pretrain/seed{seed}/cxr_resnet{depth}_history.csv",
     params:
-        cxr={key: config["cxr"][key] for key in ("depth", "weights")},  # not frozen_stages: a training setting
+        weights=config["cxr"]["weights"],
         pretrain=config["pretrain"],
-        seed=config["seeds"][0],
         device=config["train"]["device"],
     log:
-        "logs/{dataset}/pretrain_cxr.log",
+        "logs/{dataset}/pretrain_cxr/seed{seed}/resnet{depth}.log",
     benchmark:
-        "results/{dataset}/benchmarks/pretrain_cxr.tsv"
+        "results/{dataset}/benchmarks/pretrain_cxr/seed{seed}/resnet{depth}.tsv"
     threads: 2
     resources:
         gpu=1,
@@ -23,3 +24,26 @@ rule pretrain_cxr:
         "../../envs/torch.yaml"
     script:
         "../../scripts/pretrain_cxr.py"
+
+
+# A model's own EHR encoder on its task's EHR alone (MedFuse's first stage), for models declaring pretrained: [ehr].
+rule pretrain_ehr:
+    input:
+        stays="results/{dataset}/cohort/stays.parquet",
+        ehr="results/{dataset}/ehr/{task}.nc",
+    output:
+        encoder="results/{dataset}/pretrain/seed{seed}/ehr/{task}/{model}.pt",
+        history="results/{dataset}/pretrain/seed{seed}/ehr/{task}/{model}/history.csv",
+    params:
+        settings=ehr_pretrain_settings,
+    log:
+        "logs/{dataset}/pretrain_ehr/seed{seed}/{task}/{model}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/pretrain_ehr/seed{seed}/{task}/{model}.tsv"
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../../scripts/pretrain_ehr.py"

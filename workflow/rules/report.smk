@@ -6,6 +6,8 @@ rule aggregate:
         md="results/{dataset}/tables/main_results.md",
     params:
         evaluate=config["evaluate"],
+        ehr_only_models=ehr_only_models(),  # their one miss<r> run is reported at every miss<r>
+        grid_missing=grid_missing(),
     log:
         "logs/{dataset}/aggregate.log",
     benchmark:
@@ -27,6 +29,8 @@ rule aggregate_available:
     params:
         evaluate=config["evaluate"],
         runs=grid_runs(),
+        ehr_only_models=ehr_only_models(),
+        grid_missing=grid_missing(),
     log:
         f"logs/{DATASET}/aggregate_available.log",
     benchmark:

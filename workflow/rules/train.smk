@@ -7,9 +7,7 @@ rule train:
         model="results/{dataset}/runs/{task}/{model}/{missing}/seed{seed}/model.pt",
         history="results/{dataset}/runs/{task}/{model}/{missing}/seed{seed}/history.csv",
     params:
-        model=model_params,
-        cxr=cxr_params,
-        train=config["train"],
+        settings=cell_settings,
     log:
         "logs/{dataset}/train/{task}/{model}/{missing}/seed{seed}.log",
     benchmark:

@@ -2,9 +2,11 @@
 
 Runs are grouped by (task, model, missing); the seeds of a group are pooled (see
 :func:`ehrcxr.evaluate.bootstrap.bootstrap_ci`) on each evaluation set. Every row carries the counts it rests
-on (stays, positives, labels with both classes) and the criterion that selected the models. Only aggregates
-are written. With ``allow_missing`` the runs without outputs (failed cells) are left out and listed at the top
-of the Markdown. Runs trained on other inputs are all named in one error, with the command that reruns them.
+on (stays, positives, labels with both classes) and the criterion that selected the models. An EHR-only
+model's runs at one miss<r> serve every miss<r> of the grid (its cells are identical across rates); such rows
+name the setting their runs were trained at (``run_missing``). Only aggregates are written. With
+``allow_missing`` the runs without outputs (failed cells) are left out and listed at the top of the Markdown.
+Runs trained on other inputs are all named in one error, with the command that reruns them.
 """
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ from ehrcxr.evaluate.metrics import METRICS, has_both_classes
 log = logging.getLogger("ehrcxr.evaluate")
 
 EVAL_SETS = ("paired_test", "partial_test")
-COLUMNS = ["task", "model", "missing", "eval_set", "metric", "estimate", "ci_low", "ci_high", "n_seeds", "selection",
-           "n_stays", "n_positive", "n_labels_scored", "single_class_labels"]
+COLUMNS = ["task", "model", "missing", "run_missing", "eval_set", "metric", "estimate", "ci_low", "ci_high", "n_seeds",
+           "selection", "n_stays", "n_positive", "n_labels_scored", "single_class_labels"]
 ORACLE_MODEL, ORACLE_MISSING, ORACLE_SELECTION = "oracle", "—", "—"
-SELECTION_METRICS = ("val_auprc", "val_loss")  # what ehrcxr.train.loop.fit selects epochs by
+SELECTION_METRICS = ("val_auprc", "val_auroc", "val_loss")  # what ehrcxr.train.loop.fit selects epochs by
 _RUN_KEYS = ("task", "model", "missing", "seed", "labels")
 RUN_OUTPUTS = ("metrics.json", "predictions.parquet")
 
@@ -264,8 +266,8 @@ def _metric_rows(key, eval_set, labels, y, p_by_seed, selection, *, n_boot, ci, 
             if not np.isfinite(estimate):
                 log.warning("%s %s %s %s: %s undefined (single class: %s)",
                             task, model, missing, eval_set, metric, counts["single_class_labels"])
-            rows.append(dict(task=task, model=model, missing=missing, eval_set=eval_set, metric=metric,
-                             estimate=estimate, ci_low=low, ci_high=high, n_seeds=len(p_by_seed),
+            rows.append(dict(task=task, model=model, missing=missing, run_missing=missing, eval_set=eval_set,
+                             metric=metric, estimate=estimate, ci_low=low, ci_high=high, n_seeds=len(p_by_seed),
                              selection=selection, **counts))
     return rows
 
@@ -302,6 +304,20 @@ def _oracle_rows(groups, oracle_path: Path, *, n_boot, ci, seed) -> list[dict]:
     return rows
 
 
+def served_missing(groups, ehr_only_models, grid_missing) -> dict[tuple[str, str, str], tuple[str, str, str]]:
+    """(task, model, miss<r>) -> the group whose runs report it: a miss<r> cell withholds the X-ray only from models
+    that read one, on the same paired stays at every rate, so an EHR-only model's runs at its first trained
+    miss<r> (in ``grid_missing`` order) serve every miss<r> of the grid it was not trained at."""
+    rates, ehr_only = [missing for missing in grid_missing if missing != "natural"], set(ehr_only_models)
+    served = {}
+    for task, model in sorted({key[:2] for key in groups if key[1] in ehr_only}):
+        trained = [rate for rate in rates if (task, model, rate) in groups]
+        for rate in rates:
+            if trained and (task, model, rate) not in groups:
+                served[task, model, rate] = (task, model, trained[0])
+    return served
+
+
 def _missing_order(missing: str) -> tuple:
     if missing == "natural":
         return (0, 0.0, missing)
@@ -329,7 +345,7 @@ def _missing_section(missing: list[Path], n_runs: int) -> list[str]:
 
 def _selection_note(table: pd.DataFrame) -> list[str]:
     """A line naming the cells whose models were (in some or all seeds) selected on validation loss."""
-    fallback = table[~table["selection"].isin(["val_auprc", ORACLE_SELECTION])]
+    fallback = table[table["selection"].isin(["val_loss", "mixed"])]
     cells = fallback.drop_duplicates(["task", "model", "missing"]).sort_values(["task", "model", "missing"])
     if cells.empty:
         return []
@@ -337,6 +353,20 @@ def _selection_note(table: pd.DataFrame) -> list[str]:
     return ["", f"**Selected without validation AUPRC**: {named}. No validation label had both classes, so the "
             "epoch with the lowest validation loss was kept (val_loss: in every seed; mixed: in some, see each "
             "run's metrics.json)."]
+
+
+def _shared_note(table: pd.DataFrame) -> list[str]:
+    """A line naming the rows (marked †) that repeat an EHR-only model's runs at another miss<r>."""
+    shared = table[table["run_missing"] != table["missing"]].drop_duplicates(["task", "model", "missing"])
+    if shared.empty:
+        return []
+    named = "; ".join(
+        f"{task}/{model}: {part['n_seeds'].iloc[0]} run(s) at {run_missing} also give "
+        + ", ".join(sorted(part["missing"], key=_missing_order))
+        for (task, model, run_missing), part in shared.groupby(["task", "model", "run_missing"], sort=True))
+    return ["", f"**† EHR-only: one run serves every miss<r>.** A miss<r> cell withholds the X-ray only from "
+            f"models that read one, on the same paired stays at every rate, so an EHR-only model is trained at one "
+            f"rate and reported at all: {named}."]
 
 
 def _counts_line(row) -> str:
@@ -359,9 +389,10 @@ def render_markdown(table: pd.DataFrame, *, ci: float = 0.95, n_boot: int = 1000
     """Markdown of the macro metrics: one section per task × eval_set, models × missing settings.
 
     Each section states its stays, positives and single-class labels (shared by every model and seed of the
-    section); cells selected on validation loss are named at the top. With ``missing_runs`` (a list, possibly
-    empty, of the ``n_runs`` run directories) the page is titled 'Available results' and first lists the runs
-    that lack outputs, one row per task/model/missing/seed.
+    section); cells selected on validation loss, and (marked †) rows repeating an EHR-only model's runs at
+    another miss<r>, are named at the top. With ``missing_runs`` (a list, possibly empty, of the ``n_runs`` run
+    directories) the page is titled 'Available results' and first lists the runs that lack outputs, one row per
+    task/model/missing/seed.
     """
     lines = [
         "# Main results" if missing_runs is None else "# Available results",
@@ -369,7 +400,7 @@ def render_markdown(table: pd.DataFrame, *, ci: float = 0.95, n_boot: int = 1000
         f"Estimate [{ci:.0%} CI]: mean over training seeds of the macro metric on the test stays; "
         f"percentile bootstrap over stays ({n_boot} resamples, shared by all seeds).",
     ]
-    lines += _selection_note(table)
+    lines += _selection_note(table) + _shared_note(table)
     if missing_runs is not None:
         lines += _missing_section(missing_runs, n_runs)
     macro = table[table["metric"].isin(list(METRICS))]
@@ -379,7 +410,8 @@ def render_markdown(table: pd.DataFrame, *, ci: float = 0.95, n_boot: int = 1000
             cells = section[section["metric"] == metric]
             if cells.empty:
                 continue
-            cells = cells.assign(cell=[_format_ci(r) for r in cells.itertuples()])
+            cells = cells.assign(cell=[_format_ci(r) + ("†" if r.run_missing != r.missing else "")
+                                       for r in cells.itertuples()])
             grid = cells.pivot(index="model", columns="missing", values="cell").fillna("")
             grid = grid[sorted(grid.columns, key=_missing_order)]
             grid = grid.loc[sorted(grid.index, key=lambda m: (m == ORACLE_MODEL, m))]
@@ -398,6 +430,8 @@ def aggregate_runs(
     ci: float = 0.95,
     seed: int = 0,
     allow_missing: bool = False,
+    ehr_only_models=(),
+    grid_missing=(),
 ) -> pd.DataFrame:
     """Build the main results table from run directories and write it as CSV and Markdown.
 
@@ -405,29 +439,37 @@ def aggregate_runs(
     and their seeds pooled; every run of a task must be scored on the same stays and labels, else one error
     names every outdated run (:func:`check_runs_current`). For each eval set the table holds macro
     ``auroc``/``auprc`` with bootstrap CIs and, for multi-label tasks, ``<metric>:<label>`` rows; each row
-    also holds ``selection`` (val_auprc, val_loss or mixed over the seeds), ``n_stays``, ``n_positive``
-    (positive stays; summed over the labels in a macro row), ``n_labels_scored`` (labels with both classes)
-    and ``single_class_labels`` (';'-joined). ``oracle_path`` (synthetic data) adds rows model='oracle',
+    also holds ``selection`` (val_auprc, val_auroc, val_loss or mixed over the seeds), ``n_stays``,
+    ``n_positive`` (positive stays; summed over the labels in a macro row), ``n_labels_scored`` (labels with both
+    classes) and ``single_class_labels`` (';'-joined). ``oracle_path`` (synthetic data) adds rows model='oracle',
     missing='—' scored on the stays of each task's eval sets (taken from a ``natural`` run when there is
     one). ``allow_missing`` skips run directories without metrics.json or predictions.parquet instead of
     failing, logs them and lists them (task/model/missing/seed) at the top of the Markdown, which is then
-    titled 'Available results'.
+    titled 'Available results'. ``ehr_only_models`` with ``grid_missing`` (the grid's missingness settings):
+    each of these models' runs at one miss<r> also give its rows at every other miss<r> of the grid
+    (:func:`served_missing`); ``run_missing`` names the setting a row's runs were trained at (``missing``
+    otherwise) and ``n_seeds`` the runs it rests on.
     Returns the long-form table (columns :data:`COLUMNS`).
     """
     runs, missing = _load_runs(run_dirs, allow_missing)
     check_runs_current(runs)
     groups = _group_runs(runs)
-    rows = []
+    group_rows = {}
     for key in sorted(groups):
         members = groups[key]
         selection = _selection(members)
+        group_rows[key] = []
         for eval_set in EVAL_SETS:
             if members[0].eval_set(eval_set).empty:
                 continue
             y, p_by_seed = _pooled_arrays(members, eval_set)
-            rows += _metric_rows(key, eval_set, members[0].labels, y, p_by_seed, selection,
-                                 n_boot=n_boot, ci=ci, seed=seed)
+            group_rows[key] += _metric_rows(key, eval_set, members[0].labels, y, p_by_seed, selection,
+                                            n_boot=n_boot, ci=ci, seed=seed)
         log.info("aggregated %s over seeds %s (selected by %s)", key, [r.seed for r in members], selection)
+    for key, source in served_missing(groups, ehr_only_models, grid_missing).items():
+        group_rows[key] = [{**row, "missing": key[2]} for row in group_rows[source]]
+        log.info("reported %s from the EHR-only runs at %s", key, source[2])
+    rows = [row for key in sorted(group_rows) for row in group_rows[key]]
     if oracle_path is not None:
         rows += _oracle_rows(groups, Path(oracle_path), n_boot=n_boot, ci=ci, seed=seed)
     table = pd.DataFrame(rows, columns=COLUMNS)
@@ -445,12 +487,15 @@ def aggregate_runs(
     return table
 
 
-def run_aggregate(run_dirs, out_csv, out_md, oracle_path, params: dict, allow_missing: bool = False) -> pd.DataFrame:
+def run_aggregate(run_dirs, out_csv, out_md, oracle_path, params: dict, allow_missing: bool = False,
+                  ehr_only_models=(), grid_missing=()) -> pd.DataFrame:
     """Workflow entry point: ``params`` is the config ``evaluate:`` section (n_bootstrap, ci, seed);
-    ``allow_missing`` tabulates the runs that have outputs and lists the others (see :func:`aggregate_runs`)."""
+    ``allow_missing`` tabulates the runs that have outputs and lists the others; ``ehr_only_models`` and
+    ``grid_missing`` report EHR-only runs at every miss<r> (see :func:`aggregate_runs`)."""
     absent = [k for k in ("n_bootstrap", "ci", "seed") if k not in params]
     if absent:
         raise ValueError(f"config evaluate: section lacks {absent}")
     return aggregate_runs(run_dirs, out_csv, out_md, oracle_path=oracle_path or None,
                           n_boot=int(params["n_bootstrap"]), ci=float(params["ci"]), seed=int(params["seed"]),
-                          allow_missing=allow_missing)
+                          allow_missing=allow_missing, ehr_only_models=ehr_only_models,
+                          grid_missing=grid_missing)

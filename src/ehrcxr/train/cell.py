@@ -1,7 +1,6 @@
 """One benchmark cell: (task, model, missing, seed) -> trained model, test predictions and metrics."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -13,7 +12,9 @@ import torch
 
 from ehrcxr.data.datasets import EVAL_SETS, load_cell_data
 from ehrcxr.models import create_model
-from ehrcxr.train.loop import fit, macro_scores, predict, resolve_device, seed_everything, write_atomic
+from ehrcxr.train.loop import (
+    fit, fit_options, macro_scores, predict, resolve_device, seed_everything, training_key, write_atomic,
+)
 
 log = logging.getLogger("ehrcxr.train")
 
@@ -25,13 +26,8 @@ def _json_number(value: float) -> float | None:
 
 
 def run_key(inputs: dict, task: str, model: str, missing: str, seed: int, settings: dict) -> str:
-    """Digest of what a cell's training depends on: its settings (not the device) and the size and
-    modification time of each input file. A checkpoint is resumed only under the same key."""
-    settings = {**settings, "train": {k: v for k, v in settings["train"].items() if k != "device"}}
-    key = {"task": task, "model": model, "missing": missing, "seed": seed, "settings": settings,
-           "inputs": {name: [str(path), Path(path).stat().st_size, Path(path).stat().st_mtime_ns]
-                      for name, path in sorted(inputs.items()) if path}}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    """The cell's training key (:func:`ehrcxr.train.loop.training_key`): its settings and input files."""
+    return training_key(inputs, task=task, model=model, missing=missing, seed=seed, settings=settings)
 
 
 def load_pretrained_ehr(network, path: str | Path, model: str) -> None:
@@ -86,17 +82,10 @@ def run_cell(inputs: dict, out_dir: str | Path, task: str, model: str, missing: 
                            **dict(settings.get("params") or {}))
     if inputs.get("ehr_encoder"):
         load_pretrained_ehr(network, inputs["ehr_encoder"], model)
-    device = train_params.get("device", "auto")
-    result = fit(network, data, out_dir, epochs=int(train_params["epochs"]),
-                 batch_size=int(train_params["batch_size"]), lr=float(train_params["lr"]),
-                 weight_decay=float(train_params["weight_decay"]), patience=int(train_params["patience"]),
-                 optimiser=train_params.get("optimiser", "adamw"), scheduler=train_params.get("scheduler"),
-                 selection=train_params.get("selection", "val_auprc"),
-                 min_epochs=int(train_params.get("min_epochs", 1)), augment=cxr_params.get("augment"),
-                 seed=seed, device=device, threads=threads, log=log, inputs=inputs,
-                 run_key=run_key(inputs, task, model, missing, seed, settings))
+    result = fit(network, data, out_dir, **fit_options(train_params, cxr_params), seed=seed, threads=threads,
+                 log=log, inputs=inputs, run_key=run_key(inputs, task, model, missing, seed, settings))
 
-    resolved = resolve_device(device)
+    resolved = resolve_device(train_params.get("device", "auto"))
     frames, metrics = [], {}
     for eval_set in EVAL_SETS:
         stay_set = data.splits[eval_set]

@@ -20,6 +20,8 @@ Methods extend the loop through optional methods of their model (defaults: today
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import random
@@ -389,6 +391,33 @@ def _write_history(rows: list[dict], path: Path) -> pd.DataFrame:
     history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
     write_atomic(path, lambda temporary: history.to_csv(temporary, index=False))
     return history
+
+
+def fit_options(train: dict, cxr: dict | None = None) -> dict:
+    """``fit``'s keyword arguments from a resolved ``train:`` section (and the ``cxr:`` section's augment);
+    keys a config leaves out take fit's defaults."""
+    options = dict(epochs=int(train["epochs"]), batch_size=int(train["batch_size"]), lr=float(train["lr"]),
+                   weight_decay=float(train["weight_decay"]), patience=int(train["patience"]),
+                   device=train.get("device", "auto"), augment=(cxr or {}).get("augment"))
+    for key, convert in (("optimiser", str), ("selection", str), ("min_epochs", int), ("scheduler", dict)):
+        if train.get(key) is not None:
+            options[key] = convert(train[key])
+    return options
+
+
+def training_key(inputs: dict, **identity) -> str:
+    """Digest of what a training run depends on: ``identity`` (stage, cell, settings; every 'device' key left
+    out, so another device resumes the same run) and the size and modification time of each input file. A
+    checkpoint is resumed only under the same key."""
+    def without_device(value):
+        if isinstance(value, dict):
+            return {key: without_device(item) for key, item in value.items() if key != "device"}
+        return value
+
+    key = {**without_device(identity),
+           "inputs": {name: [str(path), Path(path).stat().st_size, Path(path).stat().st_mtime_ns]
+                      for name, path in sorted(inputs.items()) if path}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, batch_size: int, lr: float,

@@ -1,4 +1,5 @@
-"""CXR encoder pretraining on the 14 CheXpert labels of train-split subjects' cached frontal images."""
+"""Pretraining stages: the CXR encoder on the 14 CheXpert labels of train-split subjects' cached frontal images,
+and a model's own EHR encoder on its task's EHR alone (MedFuse's first stage)."""
 from __future__ import annotations
 
 import logging
@@ -13,14 +14,21 @@ from torch import nn
 from torch.nn import functional as F
 
 from ehrcxr.data.cxr import FRONTAL_VIEWS, load_cxr_cache
-from ehrcxr.data.datasets import normalise_images
+from ehrcxr.data.datasets import load_cell_data, standardise
+from ehrcxr.models import Batch, ModelOutput, create_model
 from ehrcxr.models.encoders import CXRBackbone
 from ehrcxr.resources import CHEXPERT_LABELS
-from ehrcxr.train.loop import autocast, configure_device, macro_scores, resolve_device, seed_everything
+from ehrcxr.train.augment import augment_images
+from ehrcxr.train.loop import (
+    autocast, configure_device, fit, fit_options, macro_scores, resolve_device, seed_everything, training_key,
+    write_atomic,
+)
 
 log = logging.getLogger("ehrcxr.pretrain")
 
-MAX_SHIFT = 0.1  # random translation, as a fraction of the image side
+# Pretraining's own augmentation (independent of cxr.augment, so a cell setting does not rerun pretraining):
+# a horizontal flip with probability 0.5 and a shift of up to 10% of the side.
+PRETRAIN_AUGMENT = {"hflip": 0.5, "degrees": 0.0, "translate": 0.1, "scale": (1.0, 1.0)}
 
 
 def chexpert_image_labels(cxr_studies: pd.DataFrame, stays: pd.DataFrame, index: pd.DataFrame,
@@ -45,18 +53,6 @@ def chexpert_image_labels(cxr_studies: pd.DataFrame, stays: pd.DataFrame, index:
     return result.sort_values("dicom_id").reset_index(drop=True)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and translation (up to MAX_SHIFT of the side, border padding) per image."""
-    n = images.shape[0]
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 * MAX_SHIFT)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = flip, 1.0, shift
-    theta = theta.to(images.device, images.dtype)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 class _Classifier(nn.Module):
     def __init__(self, backbone: CXRBackbone, n_labels: int):
         super().__init__()
@@ -67,23 +63,27 @@ class _Classifier(nn.Module):
         return self.head(self.backbone(images))
 
 
-def _batch(images: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+def _batch(images: np.ndarray, rows: np.ndarray, device: torch.device, augment: dict | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The cached images of ``rows`` as standardised model input on ``device`` (augmented there when given)."""
     order = np.argsort(rows, kind="stable")
     pixels = np.empty((rows.size, *images.shape[1:]), dtype=np.uint8)
     pixels[order] = images[rows[order]]
-    batch = normalise_images(pixels).to(device, non_blocking=device.type == "cuda")
+    batch = torch.from_numpy(pixels).unsqueeze(1).to(device, non_blocking=device.type == "cuda").float() / 255.0
+    if augment is not None:
+        batch = augment_images(batch, augment, generator)
+    batch = standardise(batch)
     return batch.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else batch
 
 
 def _validate(model: nn.Module, images: np.ndarray, rows: np.ndarray, targets: np.ndarray, batch_size: int,
               device: torch.device) -> tuple[float, float]:
-    """(mean BCE, macro AUROC over labels with both classes) on the validation images."""
+    """(mean BCE, macro AUROC over labels with both classes) on the validation images, in fp32."""
     model.eval()
     logits = []
     with torch.no_grad():
         for start in range(0, rows.size, batch_size):
-            with autocast(device):
-                logits.append(model(_batch(images, rows[start:start + batch_size], device)).float().cpu())
+            logits.append(model(_batch(images, rows[start:start + batch_size], device)).float().cpu())
     if not logits:
         return float("nan"), float("nan")
     logits_all = torch.cat(logits)
@@ -122,6 +122,7 @@ def pretrain_cxr(cxr_studies_path: str | Path, stays_path: str | Path, cxr_image
         model.to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
+    augment_generator = torch.Generator(device=resolved).manual_seed(seed)
     history, best_epoch, best_score, best_state = [], 0, -math.inf, None
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
@@ -130,7 +131,7 @@ def pretrain_cxr(cxr_studies_path: str | Path, stays_path: str | Path, cxr_image
         total_loss = 0.0
         for start in range(0, order.size, batch_size):
             chosen = order[start:start + batch_size]
-            batch = augment(_batch(images, train_rows[chosen], resolved), generator)
+            batch = _batch(images, train_rows[chosen], resolved, PRETRAIN_AUGMENT, augment_generator)
             targets = torch.from_numpy(train_targets[chosen]).to(resolved)
             with autocast(resolved):
                 loss = F.binary_cross_entropy_with_logits(model(batch).float(), targets)
@@ -153,3 +154,53 @@ def pretrain_cxr(cxr_studies_path: str | Path, stays_path: str | Path, cxr_image
         history_path, index=False)
     return {"best_epoch": best_epoch, "best_val_auroc": best_score if math.isfinite(best_score) else float("nan"),
             "n_train": int(train_rows.size), "n_val": int(val_rows.size)}
+
+
+class EHRPretrainClassifier(nn.Module):
+    """A model's EHR encoder with a linear head on its (dropped-out) stay feature, trained on the EHR alone."""
+
+    def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.0):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.out_dim, n_labels)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        features = self.encoder(batch.ehr, batch.ehr_length)
+        if isinstance(features, tuple):  # a Transformer encoder also returns its tokens
+            features = features[0]
+        return ModelOutput(self.head(self.dropout(features)))
+
+
+def pretrain_ehr(stays_path: str | Path, ehr_path: str | Path, out_path: str | Path, run_dir: str | Path, *,
+                 task: str, model: str, params: dict, train: dict, seed: int, threads: int = 1) -> dict:
+    """Pretrain ``model``'s ``ehr_encoder`` on the task's EHR alone and save its state dict to ``out_path``.
+
+    The model is built as its cells build it (``create_model(model, ..., cxr=None, **params)``: the EHR encoder
+    never depends on the CXR settings); its ``ehr_encoder`` plus a linear head (:class:`EHRPretrainClassifier`)
+    is trained by :func:`ehrcxr.train.loop.fit` with the model's ``train`` settings (optimiser, scheduler,
+    selection, ...) on every task stay of the train split, the epoch selected on the val split ('natural' cell
+    without images). fit's model.pt,
+    checkpoint.pt (a rerun resumes from it) and history.csv go to ``run_dir``. Returns a summary.
+    """
+    data = load_cell_data(stays_path, ehr_path, task, "natural", seed)
+    seed_everything(seed)
+    network = create_model(model, n_labels=len(data.labels), ehr_features=data.ehr_features, cxr=None, **params)
+    encoder = getattr(network, "ehr_encoder", None)
+    if not isinstance(encoder, nn.Module):
+        raise ValueError(f"model {model!r} has no ehr_encoder, so it cannot declare a pretrained 'ehr' part")
+    classifier = EHRPretrainClassifier(encoder, len(data.labels), float(params.get("dropout", 0.0)))
+    log.info("EHR pretraining of %s's ehr_encoder on %s: %d train / %d val stays", model, task,
+             len(data.splits["train"]), len(data.splits["val"]))
+    inputs = {"stays": stays_path, "ehr": ehr_path}
+    result = fit(classifier, data, run_dir, **fit_options(train), seed=seed, threads=threads, log=log,
+                 run_key=training_key(inputs, stage="pretrain_ehr", task=task, model=model, seed=seed,
+                                      params=params, train=train))
+    state = {key: value.detach().to("cpu", copy=True) for key, value in encoder.state_dict().items()}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_path, lambda path: torch.save(state, path))
+    log.info("saved %s's EHR encoder (best epoch %d by %s) to %s", model, result.best_epoch,
+             result.selection_metric, out_path)
+    return {"best_epoch": result.best_epoch, "selection_metric": result.selection_metric,
+            "n_train": len(data.splits["train"]), "n_val": len(data.splits["val"])}
