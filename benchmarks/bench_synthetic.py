@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ehrcxr.data.synthetic import generate
+from ehrcxr.synthetic import generate
 
 
 def main() -> None:

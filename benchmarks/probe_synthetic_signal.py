@@ -27,7 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ehrcxr.data import raw
-from ehrcxr.data.synthetic import generate
+from ehrcxr.synthetic import generate
 from ehrcxr.resources import itemids, phenotype_labels, phenotypes, variable_ranges
 
 WINDOW_HOURS = 48.0

@@ -1,7 +1,7 @@
 """Snakemake adapter: write the synthetic MIMIC-IV / MIMIC-CXR-JPG files and the oracle."""
 from pathlib import Path
 
-from ehrcxr.data.synthetic import generate
+from ehrcxr.synthetic import generate
 from ehrcxr.logs import log_to
 
 log_to(snakemake.log[0])

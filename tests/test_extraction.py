@@ -14,7 +14,7 @@ from ehrcxr.data import ehr
 from ehrcxr.data.cohort import build_cohort
 from ehrcxr.data.events import HourlyBins, prefetch
 from ehrcxr.data.raw import RawDataError
-from ehrcxr.data.synthetic import generate
+from ehrcxr.synthetic import generate
 from ehrcxr.data.tasks import task_stays
 from naive_extraction import naive_hourly_codes
 from test_ehr import chart_rows, lab_rows, stays_frame, write_tables

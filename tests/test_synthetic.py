@@ -14,7 +14,7 @@ from PIL import Image
 from scipy.stats import mannwhitneyu
 
 from ehrcxr.data import raw
-from ehrcxr.data.synthetic import generate
+from ehrcxr.synthetic import generate
 from ehrcxr.resources import itemids, phenotype_labels, phenotypes
 
 N_STAYS = 300

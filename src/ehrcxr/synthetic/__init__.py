@@ -2,9 +2,9 @@
 
 ``generate`` writes the raw files in the official layouts plus ``oracle.parquet`` (the true
 probability of every label per ICU stay) and ``signal_map.json`` (which modality carries each
-label). The latent model lives in :mod:`ehrcxr.data.synthetic_state`, the cohort in
-:mod:`~ehrcxr.data.synthetic_cohort`, chart/lab events in :mod:`~ehrcxr.data.synthetic_ehr` and
-the X-rays in :mod:`~ehrcxr.data.synthetic_cxr`.
+label). The latent model lives in :mod:`ehrcxr.synthetic.state`, the cohort in
+:mod:`~ehrcxr.synthetic.cohort`, chart/lab events in :mod:`~ehrcxr.synthetic.ehr` and
+the X-rays in :mod:`~ehrcxr.synthetic.cxr`.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ehrcxr.data.synthetic_cohort import build_cohort, write_core_tables, write_diagnoses
-from ehrcxr.data.synthetic_cxr import write_cxr
-from ehrcxr.data.synthetic_ehr import Physiology, write_chartevents, write_dictionaries, write_labevents
-from ehrcxr.data.synthetic_state import (LABELS, MORTALITY_DESCRIPTION, PREVALENCE, SIGNAL_CARRIERS,
+from ehrcxr.synthetic.cohort import build_cohort, write_core_tables, write_diagnoses
+from ehrcxr.synthetic.cxr import write_cxr
+from ehrcxr.synthetic.ehr import Physiology, write_chartevents, write_dictionaries, write_labevents
+from ehrcxr.synthetic.state import (LABELS, MORTALITY_DESCRIPTION, PREVALENCE, SIGNAL_CARRIERS,
                                          SIGNAL_MAP)
 
 log = logging.getLogger("ehrcxr.synthetic")

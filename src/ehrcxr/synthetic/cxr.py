@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from ehrcxr.data import synthetic_io as sio
-from ehrcxr.data import synthetic_state as st
+from ehrcxr.synthetic import io as sio
+from ehrcxr.synthetic import state as st
 from ehrcxr.data.raw import cxr_image_relpath
-from ehrcxr.data.synthetic_cohort import HOUR, Cohort
-from ehrcxr.data.synthetic_ehr import Physiology
+from ehrcxr.synthetic.cohort import HOUR, Cohort
+from ehrcxr.synthetic.ehr import Physiology
 from ehrcxr.resources import CHEXPERT_LABELS
 
 JPEG_QUALITY = 85

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ehrcxr.data import synthetic_io as sio
-from ehrcxr.data import synthetic_state as st
+from ehrcxr.synthetic import io as sio
+from ehrcxr.synthetic import state as st
 from ehrcxr.resources import phenotypes
 
 HOUR = 3600

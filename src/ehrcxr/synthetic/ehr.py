@@ -14,9 +14,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ehrcxr.data import synthetic_io as sio
-from ehrcxr.data.synthetic_cohort import HOUR, Cohort
-from ehrcxr.data.synthetic_state import LatentState, sigmoid
+from ehrcxr.synthetic import io as sio
+from ehrcxr.synthetic.cohort import HOUR, Cohort
+from ehrcxr.synthetic.state import LatentState, sigmoid
 
 CHART_HOURS = 72.0
 PULSE_OXIMETRY_BIAS = {"BLACK": 2.5}  # SpO2 reads this many points above the true saturation
