@@ -45,7 +45,11 @@ def build(reference: Path) -> None:
     items = pd.read_csv(reference / "itemid_to_variable_mimic4_subset.csv")
     items = items.rename(columns={"LEVEL2": "variable", "ITEMID": "itemid", "MIMIC LABEL": "label",
                                   "UNITNAME": "unit", "LINKSTO": "table", "FLUID": "fluid"})
-    items[["variable", "itemid", "label", "unit", "table", "fluid"]].to_csv(HERE / "itemids.csv", index=False)
+    # mimic3-benchmarks maps urine glucose to Glucose and urine / other-body-fluid pH to pH; the corrected map
+    # keeps only blood lab items (chart items carry no fluid: vitals and bedside blood measurements).
+    items["in_corrected_map"] = (items["table"] != "labevents") | (items["fluid"] == "BLOOD")
+    items[["variable", "itemid", "label", "unit", "table", "fluid", "in_corrected_map"]].to_csv(
+        HERE / "itemids.csv", index=False)
 
     ranges = pd.read_csv(reference / "variable_ranges.csv")
     discretizer = json.loads((reference / "discretizer_config.json").read_text())

@@ -4,4 +4,5 @@ from ehrcxr.logs import log_to
 
 log_to(snakemake.log[0])
 run_ehr_tensor(snakemake.input.mimic_iv, snakemake.input.stays, snakemake.wildcards.task, snakemake.output[0],
-               hours=snakemake.params.ehr["hours"], threads=snakemake.threads)
+               hours=snakemake.params.ehr["hours"], itemid_map=snakemake.params.ehr["itemid_map"],
+               threads=snakemake.threads)

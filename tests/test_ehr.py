@@ -23,8 +23,10 @@ T4 = pd.Timestamp("2150-04-01 00:00")   # stay 100 (val):   subject 40, hadm 400
 
 HR, SBP, DBP, FIO2, SPO2 = 220045, 220179, 220180, 223835, 220277
 TEMP_F, TEMP_C, WEIGHT_LBS, HEIGHT_IN = 223761, 223762, 226531, 226707
+WEIGHT_KG, HEIGHT_CM = 226512, 226730
 EYE, VERBAL, MOTOR = 220739, 223900, 223901
 GLUCOSE_LAB, PH_LAB = 50931, 50820
+GLUCOSE_URINE, PH_URINE, PH_URINE_CHEMISTRY, PH_OTHER_FLUID = 51478, 51491, 51094, 50831
 
 
 def stays_frame() -> pd.DataFrame:
@@ -80,13 +82,13 @@ def chart_rows(test_stay_hr=(200.0, 150.0)) -> list[dict]:
     ]
 
 
+def lab(subject, hadm, time, itemid, value, valuenum):
+    return {"subject_id": subject, "hadm_id": hadm, "charttime": str(time), "itemid": itemid, "value": value,
+            "valuenum": valuenum, "valueuom": "mg/dL"}
+
+
 def lab_rows() -> list[dict]:
     h = pd.Timedelta(hours=1)
-
-    def lab(subject, hadm, time, itemid, value, valuenum):
-        return {"subject_id": subject, "hadm_id": hadm, "charttime": str(time), "itemid": itemid, "value": value,
-                "valuenum": valuenum, "valueuom": "mg/dL"}
-
     return [
         lab(10, 100, T1 + 4.5 * h, GLUCOSE_LAB, "150", 150.0),    # hour 4 by hadm + time
         lab(10, None, T1 + 13.5 * h, PH_LAB, "7.3", 7.3),          # hour 13 by subject + time
@@ -260,6 +262,7 @@ def test_run_writes_and_loads(built, tmp_path):
     out = tmp_path / "ehr" / "mortality.nc"
     run_ehr_tensor(root, stays_path, "mortality", out)
     loaded = load_ehr_tensor(out)
+    assert loaded.attrs["itemid_map"] == "corrected"
     assert list(loaded["stay_id"].values) == [100, 300, 400]    # stay 200 (10.5 h) is not in the mortality task
     # The normaliser now sees only stay 300 as train, so it differs from the phenotyping one.
     hr = json.loads(loaded.attrs["normaliser"])["Heart Rate"]
@@ -278,3 +281,82 @@ def test_stays_without_split_column_rejected(built):
     root, _ = built
     with pytest.raises(ValueError, match="split"):
         build_ehr_tensor(root, stays_frame().drop(columns="split"))
+
+
+def fluid_lab_rows() -> list[dict]:
+    """Stay 300's glucose and pH labs from blood, urine and other body fluid (subject 10, admission 100)."""
+    h = pd.Timedelta(hours=1)
+    return [
+        lab(10, 100, T1 + 1.5 * h, GLUCOSE_LAB, "150", 150.0),         # hour 1, blood
+        lab(10, 100, T1 + 2.5 * h, GLUCOSE_URINE, "500", 500.0),       # hour 2, urine
+        lab(10, 100, T1 + 3.5 * h, PH_URINE, "6.5", 6.5),              # hour 3, urine (hematology item)
+        lab(10, 100, T1 + 4.5 * h, PH_OTHER_FLUID, "7.9", 7.9),        # hour 4, other body fluid
+        lab(10, 100, T1 + 5.5 * h, PH_URINE_CHEMISTRY, "6.8", 6.8),    # hour 5, urine (chemistry item)
+        lab(10, 100, T1 + 6.5 * h, PH_LAB, "7.3", 7.3),                # hour 6, blood ...
+        lab(10, 100, T1 + 6.75 * h, PH_URINE, "7.0", 7.0),             # ... then urine, later in hour 6
+    ]
+
+
+@pytest.mark.parametrize("itemid_map,glucose,glucose_hours,ph,ph_hours", [
+    ("corrected", [128, 150] + [150] * 46, [1], [7.4] * 6 + [7.3] * 42, [6]),
+    ("benchmark", [128, 150] + [500] * 46, [1, 2], [7.4] * 3 + [6.5, 7.9, 6.8] + [7.0] * 42, [3, 4, 5, 6]),
+])
+def test_urine_and_other_fluid_labs_feed_only_the_benchmark_map(tmp_path, itemid_map, glucose, glucose_hours, ph,
+                                                                 ph_hours):
+    charts = [chart(subject=10, hadm=100, stay=300, time=T1, itemid=HR, value="80", valuenum=80)]
+    write_tables(tmp_path, charts, fluid_lab_rows())
+    dataset = build_ehr_tensor(tmp_path, stays_frame(), itemid_map=itemid_map, block_size=300)
+    assert dataset.attrs["itemid_map"] == itemid_map
+    np.testing.assert_allclose(raw_values(dataset, 300, "Glucose"), glucose, atol=1e-3)
+    assert list(np.flatnonzero(at(dataset, 300, "Glucose", "mask"))) == glucose_hours
+    np.testing.assert_allclose(raw_values(dataset, 300, "pH"), ph, atol=1e-5)
+    assert list(np.flatnonzero(at(dataset, 300, "pH", "mask"))) == ph_hours
+
+
+def test_unknown_itemid_map_is_rejected_with_the_known_names(built):
+    root, _ = built
+    with pytest.raises(ValueError, match="unknown itemid map 'mimic3'; expected one of corrected, benchmark"):
+        build_ehr_tensor(root, stays_frame(), itemid_map="mimic3")
+
+
+def static_chart_rows() -> list[dict]:
+    """Height and weight charted before intime, in hour 0 and later (worked out in the test below)."""
+    h = pd.Timedelta(hours=1)
+    s1, s2, s3 = dict(subject=10, hadm=100, stay=300), dict(subject=20, hadm=200), dict(subject=30, hadm=300)
+    return [
+        chart(**s1, time=T1 - 3 * h, itemid=HEIGHT_CM, value="170", valuenum=170),
+        chart(**s1, time=T1 - 1 * h, itemid=HEIGHT_IN, value="70", valuenum=70),       # last before intime: 177.8
+        chart(**s1, time=T1 + 10.5 * h, itemid=HEIGHT_CM, value="180", valuenum=180),  # hour 10: its own value
+        chart(**s1, time=T1 + 50 * h, itemid=HEIGHT_CM, value="190", valuenum=190),    # after the window
+        chart(**s1, time=T1 - 2 * h, itemid=WEIGHT_LBS, value="200", valuenum=200),    # before intime, but ...
+        chart(**s1, time=T1 + 0.5 * h, itemid=WEIGHT_KG, value="80", valuenum=80),     # ... hour 0 has its own
+        chart(**s1, time=T1 - 0.5 * h, itemid=HR, value="60", valuenum=60),            # not static: outside
+        chart(**s2, stay=None, time=T2 - 2 * h, itemid=HEIGHT_CM, value="160", valuenum=160),  # by admission
+        chart(**s2, stay=200, time=T2 - 1 * h, itemid=WEIGHT_KG, value="70", valuenum=70),
+        chart(**s3, stay=400, time=T3 - 5 * h, itemid=HEIGHT_CM, value="165", valuenum=165),
+        chart(**s3, stay=400, time=T3 - 1 * h, itemid=HEIGHT_CM, value="400", valuenum=400),   # out of range
+        chart(subject=30, hadm=None, stay=None, time=T3 - 0.5 * h, itemid=WEIGHT_KG, value="75",
+              valuenum=75),                                                            # names no stay/admission
+        chart(**s3, stay=555, time=T3 - 0.25 * h, itemid=WEIGHT_KG, value="76", valuenum=76),  # another stay
+    ]
+
+
+def test_static_variables_take_the_last_value_before_intime_at_hour_0(tmp_path):
+    write_tables(tmp_path, static_chart_rows(), lab_rows()[:1])
+    dataset = build_ehr_tensor(tmp_path, stays_frame(), block_size=300)
+    expected = {  # stay, variable: raw values over the valid hours, observed hours
+        (300, "Height"): ([177.8] * 10 + [180.0] * 38, [0, 10]),
+        (300, "Weight"): ([80.0] * 48, [0]),
+        (200, "Height"): ([160.0] * 11, [0]),
+        (200, "Weight"): ([70.0] * 11, [0]),
+        (400, "Height"): ([165.0] * 48, [0]),
+        (400, "Weight"): ([81.0] * 48, []),       # normal value: no row names stay 400 or its admission
+        (100, "Height"): ([170.0] * 48, []),
+    }
+    for (stay_id, variable), (values, hours) in expected.items():
+        np.testing.assert_allclose(raw_values(dataset, stay_id, variable)[:len(values)], values, atol=1e-3,
+                                   err_msg=f"{stay_id} {variable}")
+        assert list(np.flatnonzero(at(dataset, stay_id, variable, "mask"))) == hours, (stay_id, variable)
+    assert dataset.attrs["dropped_outside_window"] == 3   # HR before intime, height after 48 h, subject-only weight
+    assert dataset.attrs["dropped_unassigned"] == 1       # weight of stay 555
+    assert dataset.attrs["dropped_out_of_range"] == 1     # height 400 cm

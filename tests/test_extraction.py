@@ -12,12 +12,12 @@ import pytest
 
 from ehrcxr.data import ehr
 from ehrcxr.data.cohort import build_cohort
-from ehrcxr.data.events import HourlyBins, prefetch
+from ehrcxr.data.events import MS_PER_HOUR, HourlyBins, prefetch
 from ehrcxr.data.raw import RawDataError
 from ehrcxr.synthetic import generate
 from ehrcxr.data.tasks import task_stays
 from naive_extraction import naive_hourly_codes
-from test_ehr import chart_rows, lab_rows, stays_frame, write_tables
+from test_ehr import chart_rows, fluid_lab_rows, lab_rows, static_chart_rows, stays_frame, write_tables
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +39,38 @@ def test_streaming_equals_in_memory_path_for_any_block_size_and_threads(syntheti
         assert counts["outside_window"] > 0
 
 
-def test_hourly_bins_keep_the_largest_order_key_whatever_the_update_order():
-    updates = [  # (stay, hour, variable, code, order)
-        (0, 1, 2, 10.0, 5), (0, 1, 2, 11.0, 9), (0, 1, 2, 12.0, 7),   # one bin: order 9 wins -> 11
-        (1, 0, 0, 20.0, 3), (1, 0, 0, 21.0, 3 << 41),                  # later within the hour wins -> 21
+def test_hourly_bins_keep_the_latest_event_whatever_the_update_order():
+    hour = MS_PER_HOUR
+    updates = [  # (stay, ms since intime, row key, variable, code)
+        (0, hour + 100, 5, 2, 10.0), (0, hour + 100, 9, 2, 11.0), (0, hour + 50, 20, 2, 12.0),  # tie: row 9 -> 11
+        (1, 0, 3, 0, 20.0), (1, hour // 2, 1, 0, 21.0),                   # later within hour 0 wins -> 21
+        (0, -2 * hour, 7, 1, 30.0), (0, -hour, 2, 1, 31.0), (0, -hour, 1, 1, 32.0),  # last before intime -> 31
+        (1, -10, 50, 0, 40.0),                                            # hour 0 of its own wins over it
     ]
-    for permutation in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 4, 0, 3, 1]):
+    for permutation in (list(range(9)), list(range(9))[::-1], [2, 7, 4, 0, 8, 3, 6, 1, 5]):
         bins = HourlyBins(2, 2, 3)
-        for split in (permutation[:2], permutation[2:]):   # two blocks
+        for split in (permutation[:4], permutation[4:]):   # two blocks
             rows = np.array([updates[i] for i in split], dtype=object)
-            bins.update(rows[:, 0].astype(int), rows[:, 1].astype(int), rows[:, 2].astype(int),
-                        rows[:, 3].astype(float), rows[:, 4].astype(np.int64))
-        assert bins.code[0, 1, 2] == 11.0 and bins.code[1, 0, 0] == 21.0
-        assert np.isnan(bins.code).sum() == 2 * 2 * 3 - 2
+            bins.update(rows[:, 0].astype(int), rows[:, 1].astype(np.int64), rows[:, 2].astype(np.int64),
+                        rows[:, 3].astype(int), rows[:, 4].astype(float))
+        codes, carried = bins.codes()
+        assert (codes[0, 1, 2], codes[1, 0, 0], codes[0, 0, 1]) == (11.0, 21.0, 31.0)
+        assert np.isnan(codes).sum() == 2 * 2 * 3 - 3
+        assert np.argwhere(carried).tolist() == [[0, 1]]
+
+
+@pytest.mark.parametrize("itemid_map", ["corrected", "benchmark"])
+def test_streaming_equals_in_memory_path_with_static_and_fluid_rows(tmp_path, itemid_map):
+    write_tables(tmp_path, chart_rows() + static_chart_rows(), lab_rows() + fluid_lab_rows())
+    cohort, layout = ehr.prepare_stays(stays_frame()), ehr.channel_layout()
+    expected = naive_hourly_codes(tmp_path, cohort, 48, layout, itemid_map=itemid_map)
+    stay_300, height, ph = 2, layout.variables.index("Height"), layout.variables.index("pH")
+    assert expected[stay_300, 0, height] == pytest.approx(177.8)        # carried from before intime
+    assert np.isnan(expected[stay_300, 3, ph]) == (itemid_map == "corrected")  # urine pH 6.5 in hour 3
+    for block_size in (200, 1 << 20):
+        codes, _ = ehr.extract_hourly_codes(tmp_path, cohort, 48, layout, itemid_map=itemid_map,
+                                            block_size=block_size)
+        np.testing.assert_array_equal(codes, expected)
 
 
 def test_prefetch_yields_in_order_and_reraises_errors_in_the_caller():

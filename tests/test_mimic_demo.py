@@ -1,7 +1,9 @@
 """The workflow's data stages on the real, open MIMIC-IV demo v2.2, through the snakemake CLI.
 
 Every expected value is recomputed here from the raw csv.gz rows with plain pandas (no ehrcxr code), from the
-rules in docs/ARCHITECTURE.md and the reference files in resources/. Also validates the shipped MIMIC configs.
+rules in docs/ARCHITECTURE.md and the reference files in resources/. The workflow builds the tensors with the
+default (corrected) itemid map; the benchmark-map tensor is built by the library directly. Also validates the
+shipped MIMIC configs.
 """
 from __future__ import annotations
 
@@ -28,7 +30,19 @@ needs_demo = pytest.mark.skipif(not DEMO.exists(), reason=f"the MIMIC-IV demo v2
                                 "(download https://physionet.org/content/mimic-iv-demo/2.2/ there)")
 
 HEART_RATE, TEMP_F, TEMP_C = 220045, 223761, 223762
-GLUCOSE_CHART, GLUCOSE_LAB = (220621, 225664, 226537), (50809, 50931, 51478)
+GLUCOSE_CHART, GLUCOSE_LAB = (220621, 225664, 226537), (50809, 50931)   # blood
+PH_CHART, PH_LAB = (220274, 223830), (50820,)                           # blood
+NON_BLOOD_LAB = {51478: "Glucose", 51491: "pH", 51094: "pH", 50831: "pH"}  # urine, other body fluid
+CM_PER_UNIT = {226730: 1.0, 226707: 2.54}                               # height: cm, inches
+KG_PER_UNIT = {224639: 1.0, 226512: 1.0, 226531: 0.45359237}            # weight: kg, kg, lbs
+CHART_VARIABLE = ({i: "Glucose" for i in GLUCOSE_CHART} | {i: "pH" for i in PH_CHART}
+                  | {i: "Height" for i in CM_PER_UNIT} | {i: "Weight" for i in KG_PER_UNIT})
+LAB_VARIABLE = {i: "Glucose" for i in GLUCOSE_LAB} | {i: "pH" for i in PH_LAB} | NON_BLOOD_LAB
+# Measured on the demo's 112 cohort stays: stays whose observed glucose / pH bins change with the urine and
+# other-fluid rows (11 stays in all); stays with a height (weight) in hour 0 itself, and stays whose hour 0 takes
+# the last value before intime.
+AFFECTED_STAYS = {"Glucose": 3, "pH": 8}
+HEIGHT_AT_HOUR_0, WEIGHT_AT_HOUR_0 = (2, 60), (47, 65)
 # Checked stays: 32155744 (ids inferred in the rebuilt chartevents, mortality task), 32145159 (original ids and
 # text, 24.9 h long, phenotyping only), 33177122 (original ids, mortality task), 35436337 (original ids,
 # mortality task, a blood glucose lab in hour 0 with no chart glucose). See the demo's README.md.
@@ -111,6 +125,66 @@ def events(expected) -> dict[str, pd.DataFrame]:
     # every checked chart row carries its stay_id, so selecting chart rows by stay_id is exact
     assert frames["chartevents"]["stay_id"].notna().all()
     return frames
+
+
+@pytest.fixture(scope="module")
+def benchmark_phenotyping(stays) -> xr.Dataset:
+    """The phenotyping tensor under the benchmark itemid map (the workflow builds the default, corrected one)."""
+    from ehrcxr.data.ehr import build_ehr_tensor
+    from ehrcxr.data.tasks import task_stays
+
+    dataset = build_ehr_tensor(DEMO, task_stays(stays.reset_index(), "phenotyping"), itemid_map="benchmark")
+    return dataset.swap_dims(stay="stay_id")
+
+
+@pytest.fixture(scope="module")
+def variable_events(expected) -> pd.DataFrame:
+    """Glucose, pH, height and weight rows of every cohort stay: chart rows by stay_id, lab rows by hadm_id (by
+    subject_id without one); ``code`` in the canonical unit and within the variable's valid range
+    (resources/variable_ranges.csv); ``since`` from intime; sorted in the tie order (charttime, chartevents
+    before labevents, file row), so the last row of a group is the value the tensor keeps."""
+    stays = expected.reset_index()[["stay_id", "hadm_id", "subject_id", "intime", "outtime"]]
+    chart = read_raw("icu/chartevents", ["charttime"], usecols=["stay_id", "charttime", "itemid", "valuenum"])
+    chart = chart[chart["itemid"].isin(list(CHART_VARIABLE))].reset_index(names="row")
+    assert chart["stay_id"].notna().all()  # every demo chart row names its stay
+    chart = chart.merge(stays, on="stay_id").assign(table=0, variable=lambda rows: rows["itemid"].map(CHART_VARIABLE))
+    lab = read_raw("hosp/labevents", ["charttime"], usecols=["subject_id", "hadm_id", "charttime", "itemid",
+                                                            "value", "valuenum"], dtype={"value": str})
+    lab = lab[lab["itemid"].isin(list(LAB_VARIABLE))].reset_index(names="row")
+    lab["valuenum"] = lab["valuenum"].fillna(pd.to_numeric(lab["value"], errors="coerce"))
+    lab = pd.concat([lab[lab["hadm_id"].notna()].drop(columns="subject_id").merge(stays, on="hadm_id"),
+                     lab[lab["hadm_id"].isna()].drop(columns="hadm_id").merge(stays, on="subject_id")])
+    lab = lab.assign(table=1, variable=lambda rows: rows["itemid"].map(LAB_VARIABLE))
+    rows = pd.concat([chart, lab], ignore_index=True)
+    factor = rows["itemid"].map(CM_PER_UNIT | KG_PER_UNIT).fillna(1.0)
+    rows["code"] = rows["valuenum"] * factor
+    ranges = pd.read_csv(REPO / "resources" / "variable_ranges.csv").set_index("variable")
+    valid = rows["code"].between(rows["variable"].map(ranges["valid_low"]), rows["variable"].map(ranges["valid_high"]))
+    rows = rows[valid].assign(since=lambda r: r["charttime"] - r["intime"])
+    return rows.sort_values(["charttime", "table", "row"], kind="stable")
+
+
+def last_per_hour(rows: pd.DataFrame, variable: str, itemids, length: pd.Series) -> pd.Series:
+    """Last code per (stay_id, hour) of the variable's rows of ``itemids`` in the first 48 h (not after outtime,
+    within the stay's valid hours)."""
+    rows = rows[(rows["variable"] == variable) & rows["itemid"].isin(itemids)]
+    window = (rows["since"] >= pd.Timedelta(0)) & (rows["since"] < 48 * HOUR) & (rows["charttime"] <= rows["outtime"])
+    rows = rows[window].assign(hour=rows["since"] // HOUR)
+    rows = rows[rows["hour"] < rows["stay_id"].map(length)]
+    return rows.groupby(["stay_id", "hour"])["code"].last()
+
+
+def length_of(dataset: xr.Dataset) -> pd.Series:
+    """Valid hours per stay_id."""
+    return dataset["length"].to_series()
+
+
+def observed(dataset: xr.Dataset, variable: str) -> pd.Series:
+    """The tensor's observed (masked) raw values of a continuous variable per (stay_id, hour)."""
+    scale = json.loads(dataset.attrs["normaliser"])[variable]
+    values = dataset["values"].sel(feature=variable).to_pandas().stack() * scale["std"] + scale["mean"]
+    mask = dataset["mask"].sel(variable=variable).to_pandas().stack().astype(bool)
+    return values[mask].rename_axis(["stay_id", "hour"])
 
 
 def in_hour(rows: pd.DataFrame, stay: pd.Series, hour: int) -> pd.DataFrame:
@@ -287,6 +361,7 @@ def test_shipped_configs_match_the_schema(name):
     (lambda c: c["missing"].append("miss1.5"), "'miss1.5' does not match"),
     (lambda c: c.pop("raw"), "'raw' is a required property"),
     (lambda c: c["cxr"].update(depth=101), "101 is not one of"),
+    (lambda c: c["ehr"].update(itemid_map="mimic3"), "'mimic3' is not one of"),
 ])
 def test_the_schema_rejects_a_broken_mimic_config(change, message):
     config = yaml.safe_load((REPO / "config" / "mimic.yaml").read_text())
@@ -326,3 +401,55 @@ def test_whole_demo_grid_trains_ehr_only_models_without_image_stages(workdir):
     assert set(table["model"]) == set(models) and set(table["missing"]) == {"natural"}
     assert set(table["task"]) == {"phenotyping", "mortality"}
     assert not (workdir / RESULTS / "cxr").exists() and not (workdir / RESULTS / "pretrain").exists()
+
+
+@needs_demo
+@pytest.mark.parametrize("variable", ["Glucose", "pH"])
+def test_glucose_and_ph_match_a_recomputation_under_each_itemid_map(tensors, benchmark_phenotyping, variable_events,
+                                                                    variable):
+    blood = [i for i, v in (CHART_VARIABLE | LAB_VARIABLE).items() if v == variable and i not in NON_BLOOD_LAB]
+    for dataset, itemids in ((tensors["phenotyping"], blood), (benchmark_phenotyping, blood + list(NON_BLOOD_LAB))):
+        expected_values = last_per_hour(variable_events, variable, itemids, length_of(dataset))
+        values = observed(dataset, variable)
+        assert list(values.index) == list(expected_values.index), dataset.attrs["itemid_map"]
+        np.testing.assert_allclose(values, expected_values, rtol=1e-5, atol=1e-4)
+    assert tensors["phenotyping"].attrs["itemid_map"] == "corrected"
+    assert benchmark_phenotyping.attrs["itemid_map"] == "benchmark"
+
+
+@needs_demo
+@pytest.mark.parametrize("variable", ["Glucose", "pH"])
+def test_urine_and_other_fluid_rows_reach_only_the_benchmark_tensor(tensors, benchmark_phenotyping, variable_events,
+                                                                   variable):
+    length = length_of(benchmark_phenotyping)
+    items = [i for i, v in (CHART_VARIABLE | LAB_VARIABLE).items() if v == variable]
+    every = last_per_hour(variable_events, variable, items, length)
+    blood = last_per_hour(variable_events, variable, [i for i in items if i not in NON_BLOOD_LAB], length)
+    both = pd.concat([every.rename("every"), blood.rename("blood")], axis=1)
+    affected = set(both.index[~np.isclose(both["every"], both["blood"])].get_level_values("stay_id"))
+    assert len(affected) == AFFECTED_STAYS[variable] and len(length) == 112
+    corrected, benchmark = (observed(d, variable) for d in (tensors["phenotyping"], benchmark_phenotyping))
+    both = pd.concat([corrected.rename("corrected"), benchmark.rename("benchmark")], axis=1)
+    differs = set(both.index[~np.isclose(both["corrected"], both["benchmark"], atol=1e-4)].get_level_values(0))
+    assert differs == affected
+    if variable == "pH":  # blood pH never falls below 6.8 here; urine pH 6.5 reaches the benchmark tensor
+        assert corrected.min() >= 6.8 > benchmark.min()
+
+
+@needs_demo
+@pytest.mark.parametrize("variable,from_hour_0,from_before_intime", [("Height", *HEIGHT_AT_HOUR_0),
+                                                                     ("Weight", *WEIGHT_AT_HOUR_0)])
+def test_static_variables_hold_the_last_value_before_intime_at_hour_0(tensors, variable_events, variable,
+                                                                      from_hour_0, from_before_intime):
+    rows = variable_events[variable_events["variable"] == variable]
+    own = rows[(rows["since"] >= pd.Timedelta(0)) & (rows["since"] < HOUR) & (rows["charttime"] <= rows["outtime"])]
+    before = rows[rows["since"] < pd.Timedelta(0)]
+    hour_0 = own.groupby("stay_id")["code"].last()
+    carried = before.groupby("stay_id")["code"].last().drop(hour_0.index, errors="ignore")
+    assert (len(hour_0), len(carried)) == (from_hour_0, from_before_intime)
+    expected_values = pd.concat([hour_0, carried]).sort_index()
+    for dataset in tensors.values():
+        values = observed(dataset, variable).xs(0, level="hour")
+        task_stays = expected_values[expected_values.index.isin(dataset["stay_id"].values)]
+        assert list(values.index) == list(task_stays.index)
+        np.testing.assert_allclose(values, task_stays, rtol=1e-5)

@@ -122,15 +122,15 @@ def test_cxr_image_size_reruns_the_image_stages_and_cxr_cells_only(workdir):
     config = rerun_config()
     config["cxr"]["image_size"] = 32
     jobs, cells = planned(workdir, config)
-    assert jobs == {"cxr_cache": 1, "pretrain_cxr": 1, "train": 3, "aggregate": 1, "all": 1}
+    assert jobs == {"cxr_cache": 1, "pretrain_cxr": 1, "cxr_features": 1, "train": 3, "aggregate": 1, "all": 1}
     assert cells == {CELLS[model] for model in CXR_MODELS}
 
 
 def test_frozen_stages_reruns_the_cxr_cells_but_not_pretraining(workdir):
     config = rerun_config()
-    config["cxr"]["frozen_stages"] = 2
-    assert planned(workdir, config) == ({"train": 3, "aggregate": 1, "all": 1},
-                                        {CELLS[model] for model in CXR_MODELS})
+    config["cxr"]["frozen_stages"] = 2  # late_fusion keeps its own frozen_stages 4 (tiny_config)
+    assert planned(workdir, config) == ({"train": 2, "aggregate": 1, "all": 1},
+                                        {CELLS[model] for model in CXR_MODELS - {"late_fusion"}})
 
 
 def test_cohort_setting_reruns_everything_after_synthesis(workdir):
@@ -138,8 +138,8 @@ def test_cohort_setting_reruns_everything_after_synthesis(workdir):
     config = rerun_config()
     config["cohort"]["min_age"] = 19
     jobs, cells = planned(workdir, config)
-    assert jobs == {"cohort": 1, "ehr_tensor": 1, "cxr_cache": 1, "pretrain_cxr": 1, "pretrain_ehr": 1, "train": 4,
-                    "aggregate": 1, "all": 1}
+    assert jobs == {"cohort": 1, "ehr_tensor": 1, "cxr_cache": 1, "pretrain_cxr": 1, "cxr_features": 1,
+                    "pretrain_ehr": 1, "train": 4, "aggregate": 1, "all": 1}
     assert cells == set(CELLS.values())
 
 
@@ -154,7 +154,8 @@ def _published_medfuse(config: dict, mode: str) -> None:
     pytest.param(lambda c: c["train"].update(selection="val_auroc"), {"pretrain_ehr": 1, "train": 4}, set(MODELS),
                  id="a new train key"),
     pytest.param(lambda c: c["cxr"].update(augment=None), {"train": 3}, CXR_MODELS, id="cxr augmentation"),
-    pytest.param(lambda c: c["pretrain"].update(epochs=2), {"pretrain_cxr": 1, "train": 3}, CXR_MODELS,
+    pytest.param(lambda c: c["pretrain"].update(epochs=2), {"pretrain_cxr": 1, "cxr_features": 1, "train": 3},
+                 CXR_MODELS,
                  id="cxr pretraining"),
     pytest.param(lambda c: c["models"]["medfuse"]["params"].update(hidden=32), {"pretrain_ehr": 1, "train": 1},
                  {"medfuse"}, id="params of the ehr-pretrained model"),
@@ -177,7 +178,7 @@ def test_pretraining_is_per_seed_and_per_cxr_depth(workdir):
     config = rerun_config()
     config["seeds"] = [1, 2]
     jobs, cells = planned(workdir, config)
-    assert jobs == {"pretrain_cxr": 1, "pretrain_ehr": 1, "train": 4, "aggregate": 1, "all": 1}
+    assert jobs == {"pretrain_cxr": 1, "cxr_features": 1, "pretrain_ehr": 1, "train": 4, "aggregate": 1, "all": 1}
     assert cells == {cell.replace("seed1", "seed2") for cell in CELLS.values()}
     assert planned_encoders(workdir, config) == {"seed2/cxr_resnet18.pt", "seed2/ehr/mortality/medfuse.pt"}
 

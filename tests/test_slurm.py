@@ -22,7 +22,7 @@ from test_workflow import tiny_config as workflow_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-GPU_RULES = ("pretrain_cxr", "train")
+GPU_RULES = ("pretrain_cxr", "cxr_features", "pretrain_ehr", "train")
 RUN_TIMEOUT_S = 300
 # What sbatch must get for each rule at attempt 1: CPUs from the rule's threads, memory (MB, capped at the test
 # node's, see cpu_node_profile) and --time as squeue prints it from profiles/slurm.
@@ -31,17 +31,19 @@ EXPECTED_REQUESTS = {
     "cohort": (1, 8000, "30:00"),
     "ehr_tensor": (2, 8000, "1:00:00"),
     "cxr_cache": (2, 8000, "2:00:00"),
-    "pretrain_cxr": (2, 16000, "4:00:00"),
+    "pretrain_cxr": (1, 16000, "4:00:00"),
+    "cxr_features": (1, 8000, "1:00:00"),
     "train": (1, 8000, "2:00:00"),
-    "aggregate": (1, 4000, "30:00"),
+    "aggregate": (2, 4000, "30:00"),
 }
-# The plugin's job comment (rule_<rule>[_wildcards_<values joined by _>]) -> rule, for the 8 jobs of tiny_config()
+# The plugin's job comment (rule_<rule>[_wildcards_<values joined by _>]) -> rule, for the 9 jobs of tiny_config()
 SLURM_JOBS = {
     "rule_synthesize": "synthesize",
     "rule_cohort_wildcards_synthetic": "cohort",
     "rule_ehr_tensor_wildcards_synthetic_mortality": "ehr_tensor",
     "rule_cxr_cache_wildcards_synthetic": "cxr_cache",
     "rule_pretrain_cxr_wildcards_synthetic_1_18": "pretrain_cxr",
+    "rule_cxr_features_wildcards_synthetic_1_18": "cxr_features",
     "rule_train_wildcards_synthetic_mortality_ehr_lstm_natural_1": "train",
     "rule_train_wildcards_synthetic_mortality_late_fusion_natural_1": "train",
     "rule_aggregate_wildcards_synthetic": "aggregate",
@@ -54,7 +56,7 @@ pytestmark = pytest.mark.skipif(bool(missing_programs()), reason=(
 
 
 def tiny_config() -> dict:
-    """The end-to-end test's config cut to 8 jobs: one task, one EHR-only and one fusion model, natural."""
+    """The end-to-end test's config cut to 9 jobs: one task, one EHR-only and one fusion model, natural."""
     config = workflow_tiny_config()
     config["synthetic"].update(n_stays=200)
     config["train"].update(epochs=1)

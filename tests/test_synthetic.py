@@ -15,6 +15,9 @@ from scipy.stats import mannwhitneyu
 
 from ehrcxr.data import raw
 from ehrcxr.synthetic import generate
+from ehrcxr.synthetic.cohort import build_cohort
+from ehrcxr.synthetic.cxr import draw_studies
+from ehrcxr.synthetic.ehr import Physiology
 from ehrcxr.resources import itemids, phenotype_labels, phenotypes
 
 N_STAYS = 300
@@ -80,7 +83,7 @@ def other_seed(tmp_path_factory):
 def large(tmp_path_factory):
     """A larger dataset for the statistical checks of the planted signals."""
     out = tmp_path_factory.mktemp("synthetic_large")
-    generate(out, n_stays=1200, seed=3, n_corrupt_images=0)
+    generate(out, n_stays=3000, seed=3, n_corrupt_images=0)  # ~33% imaged: ~1,000 stays with X-rays
     return out
 
 
@@ -282,8 +285,9 @@ def test_cxr_metadata_times_and_views(dataset):
     in_stay = (hours >= 0) & (pairs["time"] <= pairs["outtime"])
     assert (in_stay & (hours <= 48)).sum() > (in_stay & (hours > 48)).sum() > 0
     assert ((hours < 0) & (hours > -100)).any()
-    share = stays["stay_id"].isin(pairs.loc[(hours > -100) & (pairs["time"] <= pairs["outtime"]), "stay_id"]).mean()
-    assert 0.4 < share < 0.75
+    # ~26.5% of stays have an AP image in their first 48 h (the default cxr_paired_share; 300 stays: SE 0.025)
+    early_ap = in_stay & (hours <= 48) & (pairs["ViewPosition"] == "AP")
+    assert abs(stays["stay_id"].isin(pairs.loc[early_ap, "stay_id"]).mean() - 0.265) < 0.075
     chexpert = pd.read_csv(root / "mimic-cxr-jpg/mimic-cxr-2.0.0-chexpert.csv.gz", dtype=str)
     assert set(chexpert.iloc[:, 2:].stack()) == {"1.0", "0.0", "-1.0"} and chexpert.iloc[:, 2:].isna().any().any()
     assert set(chexpert["study_id"]) == set(text["study_id"])
@@ -336,7 +340,7 @@ def test_oracle_matches_labels(dataset):
 def test_signal_map_file(dataset):
     root, _ = dataset
     signal = json.loads((root / "signal_map.json").read_text())
-    assert set(signal) == {*phenotype_labels(), "mortality", "mortality_description"}
+    assert set(signal) == {*phenotype_labels(), "mortality", "mortality_description", "cxr_availability_description"}
     by_kind = {kind: {k for k, v in signal.items() if v == kind} for kind in ("cxr", "ehr", "both")}
     assert by_kind["cxr"] == {"ph_pleurisy_pneumothorax", "ph_pneumonia", "ph_other_lower_respiratory", "ph_copd"}
     assert by_kind["ehr"] == {"ph_diabetes_complicated", "ph_diabetes_uncomplicated", "ph_fluid_electrolyte",
@@ -348,6 +352,28 @@ def test_signal_map_file(dataset):
     assert {"ph_lipid_disorders", "ph_essential_hypertension", "ph_coronary_atherosclerosis", "ph_ckd"} <= weak
     assert len(weak) < len(phenotype_labels()) / 2
     assert "edema" in signal["mortality_description"] and "frailty" in signal["mortality_description"]
+    assert "respiratory_failure" in signal["cxr_availability_description"]
+
+
+def test_xray_availability_hits_its_target_and_is_informative():
+    rng = np.random.default_rng(5)
+    cohort = build_cohort(rng, 3000)
+    physiology = Physiology(cohort, rng)
+    stays = cohort.stays
+    admission = stays["admission_row"].to_numpy()
+    acuity = cohort.state.acuity[admission]
+    respiratory_failure = cohort.state.phenotypes[admission, phenotype_labels().index("ph_respiratory_failure")] == 1
+    for target in (0.15, 0.265, 0.45):
+        images = draw_studies(cohort, physiology, np.random.default_rng(7), target)
+        early_ap = images[(images["view"] == "AP") & images["hours"].between(0, 48)]
+        paired = np.isin(np.arange(len(stays)), early_ap["stay"].to_numpy())
+        assert abs(paired.mean() - target) < 0.025  # 3000 stays: SE <= 0.009
+        # informative, like clinical imaging: sicker and respiratory-failure patients are imaged more
+        high, low = acuity > np.quantile(acuity, 0.75), acuity < np.quantile(acuity, 0.25)
+        assert paired[high].mean() - paired[low].mean() > 0.1
+        assert paired[respiratory_failure].mean() - paired[~respiratory_failure].mean() > 0.05
+    with pytest.raises(ValueError, match="paired_share 0.99 is unreachable"):
+        draw_studies(cohort, physiology, np.random.default_rng(7), 0.99)
 
 
 def _per_stay_mean(root: Path, chart_items: list[int], lab_items: list[int]) -> pd.Series:
@@ -358,7 +384,7 @@ def _per_stay_mean(root: Path, chart_items: list[int], lab_items: list[int]) -> 
         stays = pd.read_csv(root / "mimic-iv/icu/icustays.csv.gz")
         lab_mean = labs[labs["itemid"].isin(lab_items)].merge(stays, on="hadm_id").groupby("stay_id")["valuenum"].mean()
         values = pd.concat([values, lab_mean], axis=1).mean(axis=1)
-    return values
+    return values.dropna()  # stays without any such measurement (e.g. labs only from before the admission)
 
 
 def test_ehr_signals_are_planted(large):

@@ -12,7 +12,7 @@ import xarray as xr
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 
-from ehrcxr.data.datasets import CellData, StaySet, load_cell_data
+from ehrcxr.data.datasets import CellData, StaySet, load_cell_data, normalise_images
 from ehrcxr.models import ModelOutput, create_model, register
 from ehrcxr.models.encoders import CXRBackbone
 from ehrcxr.resources import CHEXPERT_LABELS
@@ -20,7 +20,7 @@ from ehrcxr.train.cell import run_cell, run_key
 from ehrcxr.train.loop import (
     fit, macro_scores, precompute_cxr_features, predict, prepare_batch, seed_everything, selection_criterion,
 )
-from ehrcxr.train.pretrain import chexpert_image_labels, pretrain_cxr
+from ehrcxr.train.pretrain import chexpert_image_labels, cxr_features, pretrain_cxr
 
 N_STAYS, HOURS, N_VALUES, N_VARIABLES, IMAGE = 160, 4, 3, 2, 16
 CORRUPT_STAY = 5  # its paired image is in the cache index with status 'corrupt'
@@ -392,6 +392,42 @@ def test_real_models_and_frozen_prefix_features(tmp_path, caplog):
     assert precompute_cxr_features(model, data, torch.device("cpu"), 32, logging.getLogger("test")) > 0
     assert data.splits["paired_test"].collate([0]).cxr.shape[1:] == (128, 2, 2)  # layer2 output of a 16 px image
     np.testing.assert_allclose(predict(model, data.splits["paired_test"], 64, "cpu"), from_images, rtol=1e-5, atol=1e-6)
+
+
+def test_stored_pooled_features_replace_the_frozen_encoder_and_must_match_it(tmp_path, caplog):
+    files = write_cell_files(tmp_path)
+    torch.manual_seed(11)
+    backbone = CXRBackbone(depth=18, frozen_stages=4).eval()
+    encoder = tmp_path / "encoder.pt"
+    torch.save(backbone.backbone_state_dict(), encoder)
+    assert cxr_features(encoder, files["cxr_images"], tmp_path / "features.npy", depth=18) == len(files["images"])
+    stored = np.load(tmp_path / "features.npy")
+    # row i is the whole frozen ResNet (conv stages + global average pool) applied to cache image i
+    with torch.no_grad():
+        expected = backbone(normalise_images(files["images"])).numpy()
+    assert stored.shape == (len(files["images"]), 512) and stored.dtype == np.float32
+    np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-6)
+
+    inputs = {key: files[key] for key in ("stays", "ehr", "cxr_index", "cxr_images")} | {"cxr_encoder": str(encoder)}
+    cxr = {"depth": 18, "weights": None, "frozen_stages": 4, "image_size": IMAGE}
+    cell = settings(["ehr", "cxr"], {"hidden": 8, "heads": 2}, cxr=cxr, train=_train_params(epochs=2))
+    with caplog.at_level(logging.INFO, logger="ehrcxr"):
+        run_cell(inputs, tmp_path / "computed", "mortality", "late_fusion", "natural", 1, cell)
+        run_cell(inputs | {"cxr_features": str(tmp_path / "features.npy")}, tmp_path / "stored", "mortality",
+                 "late_fusion", "natural", 1, cell)
+    assert "features (512, 1, 1) read from" in caplog.text and "features (512, 1, 1) computed" in caplog.text
+    computed, read = (pd.read_parquet(tmp_path / name / "predictions.parquet") for name in ("computed", "stored"))
+    np.testing.assert_allclose(read["p_mortality"], computed["p_mortality"], rtol=1e-4, atol=1e-6)
+
+    # features of another encoder, or of another image cache, are refused before training
+    np.save(tmp_path / "other.npy", stored + 0.05 * np.abs(stored).max())
+    with pytest.raises(ValueError, match=r"other\.npy: stored CXR features differ from this model's frozen encoder"):
+        run_cell(inputs | {"cxr_features": str(tmp_path / "other.npy")}, tmp_path / "other", "mortality",
+                 "late_fusion", "natural", 1, cell)
+    np.save(tmp_path / "short.npy", stored[:-1])
+    with pytest.raises(ValueError, match=r"short\.npy: CXR features of shape \(\d+, 512\) do not fit the image cache"):
+        run_cell(inputs | {"cxr_features": str(tmp_path / "short.npy")}, tmp_path / "short", "mortality",
+                 "late_fusion", "natural", 1, cell)
 
 
 def test_pretrain_uses_train_subjects_and_saves_a_loadable_backbone(tmp_path):

@@ -23,6 +23,7 @@ def tiny_config() -> dict:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["synthetic"].update(n_stays=400, image_size=64)
     config["cxr"].update(image_size=64, frozen_stages=3)
+    config["models"]["late_fusion"]["cxr"] = {"frozen_stages": 4}  # reads the encoder's stored pooled features
     config["pretrain"].update(epochs=1)
     config["train"].update(epochs=2, patience=1)
     config["missing"] = ["natural", "miss0.0", "miss0.5"]
@@ -90,9 +91,16 @@ def test_declared_pretrained_parts_drive_the_dag(tmp_path):
     assert [path for path in outputs if path.endswith(".pt") and "/pretrain/" in path] == [
         f"{results}/pretrain/seed1/cxr_resnet34.pt", f"{results}/pretrain/seed2/cxr_resnet34.pt"]
 
-    # the whole grid: one CXR encoder per seed and depth, one EHR encoder per task for medfuse only
+    # the whole grid: one CXR encoder per seed and depth, one EHR encoder per task for medfuse only; the
+    # encoder's pooled features once, for the model that keeps every stage frozen (late_fusion in tiny_config)
     jobs, outputs = dry_run(tmp_path, tiny_config())
-    assert jobs["pretrain_cxr"] == 1 and jobs["pretrain_ehr"] == 2
+    assert jobs["pretrain_cxr"] == 1 and jobs["pretrain_ehr"] == 2 and jobs["cxr_features"] == 1
+    assert [path for path in outputs if path.endswith(".npy") and "/pretrain/" in path] == [
+        f"{results}/pretrain/seed1/cxr_resnet18_features.npy"]
+    config = tiny_config()
+    del config["models"]["late_fusion"]["cxr"]
+    jobs, _ = dry_run(tmp_path, config)
+    assert "cxr_features" not in jobs  # frozen_stages 3 everywhere: each cell runs its frozen stages itself
     assert {path for path in outputs if path.endswith(".pt") and "/pretrain/" in path} == {
         f"{results}/pretrain/seed1/cxr_resnet18.pt", f"{results}/pretrain/seed1/ehr/mortality/medfuse.pt",
         f"{results}/pretrain/seed1/ehr/phenotyping/medfuse.pt"}
@@ -165,13 +173,15 @@ def test_whole_grid_runs_to_the_tables(workdir):
         source = trained.loc[(row.task, row.model, "miss0.0", row.eval_set, row.metric)]
         assert (row.estimate, row.ci_low, row.ci_high, row.n_seeds) == pytest.approx(
             (source["estimate"], source["ci_low"], source["ci_high"], 1), nan_ok=True)
-    assert "mortality/ehr_lstm: 1 run(s) at miss0.0 also give miss0.5" in (
-        workdir / "results/synthetic/tables/main_results.md").read_text()
+    markdown = (workdir / "results/synthetic/tables/main_results.md").read_text()
+    assert "mortality/ehr_lstm: 1 run(s) at miss0.0 also give miss0.5" in markdown
+    assert "EHR item map `corrected`: blood glucose and blood pH only." in markdown  # the config's ehr.itemid_map
     # per-seed pretraining: the seed's CXR encoder and medfuse's EHR encoder of each task
     pretrain = workdir / "results/synthetic/pretrain/seed1"
     for path in ("cxr_resnet18.pt", "cxr_resnet18_history.csv", "ehr/mortality/medfuse.pt",
-                 "ehr/phenotyping/medfuse/history.csv"):
+                 "ehr/phenotyping/medfuse/history.csv", "cxr_resnet18_features.npy"):
         assert (pretrain / path).is_file(), path
+    assert "read from" in (workdir / "logs/synthetic/train/mortality/late_fusion/natural/seed1.log").read_text()
     assert set(macro["eval_set"]) == {"paired_test", "partial_test"}
     assert set(table.loc[table["model"] == "oracle", "task"]) == set(config["tasks"])
     # percentile intervals need not contain the estimate (AUPRC is biased upward under resampling)

@@ -16,6 +16,10 @@ CHEXPERT_LABELS = [
     "Pneumothorax", "Support Devices",
 ]
 RACE_GROUPS = ["WHITE", "BLACK", "HISPANIC", "ASIAN", "OTHER"]
+# Named itemid maps: "benchmark" is every row of itemids.csv (mimic3-benchmarks' map, as MedFuse and CareBench);
+# "corrected" keeps the rows marked in_corrected_map (it drops lab items measured in urine or other body fluids).
+ITEMID_MAPS = ("corrected", "benchmark")
+DEFAULT_ITEMID_MAP = "corrected"
 
 
 @lru_cache
@@ -31,8 +35,16 @@ def phenotype_labels() -> list[str]:
 
 @lru_cache
 def itemids() -> pd.DataFrame:
-    """Itemid -> variable map (columns: variable, itemid, label, unit, table, fluid)."""
-    return pd.read_csv(RESOURCES / "itemids.csv")
+    """Every itemid -> variable row (columns: variable, itemid, label, unit, table, fluid, in_corrected_map)."""
+    return pd.read_csv(RESOURCES / "itemids.csv", dtype={"in_corrected_map": bool})
+
+
+def mapped_itemids(name: str) -> pd.DataFrame:
+    """The rows of :func:`itemids` in the named map (one of :data:`ITEMID_MAPS`)."""
+    if name not in ITEMID_MAPS:
+        raise ValueError(f"unknown itemid map {name!r}; expected one of {', '.join(ITEMID_MAPS)}")
+    items = itemids()
+    return items if name == "benchmark" else items[items["in_corrected_map"]]
 
 
 @lru_cache

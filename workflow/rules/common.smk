@@ -117,6 +117,11 @@ def cxr_encoder(seed, depth):
     return f"{RESULTS}/pretrain/seed{seed}/cxr_resnet{depth}.pt"
 
 
+def cxr_features(seed, depth):
+    """That encoder's pooled features of every cached image (rule cxr_features), read by wholly frozen encoders."""
+    return f"{RESULTS}/pretrain/seed{seed}/cxr_resnet{depth}_features.npy"
+
+
 def ehr_encoder(seed, task, model):
     """A model's EHR encoder pretrained on the task's EHR alone (rule pretrain_ehr)."""
     return f"{RESULTS}/pretrain/seed{seed}/ehr/{task}/{model}.pt"
@@ -124,8 +129,9 @@ def ehr_encoder(seed, task, model):
 
 def train_inputs(wildcards):
     """A cell needs the cohort and its task's EHR tensor; CXR models also the image cache; and every part the
-    model declares `pretrained:` its pretraining output (cxr: the encoder of its seed and cxr depth; ehr: its own
-    EHR encoder). A CXR model that declares no pretrained cxr starts from cxr.weights."""
+    model declares `pretrained:` its pretraining output (cxr: the encoder of its seed and cxr depth, plus its pooled
+    image features when the model keeps every stage frozen; ehr: its own EHR encoder). A CXR model that declares no
+    pretrained cxr starts from cxr.weights."""
     settings = SETTINGS[wildcards.model]
     inputs = {
         "stays": f"{RESULTS}/cohort/stays.parquet",
@@ -136,6 +142,8 @@ def train_inputs(wildcards):
         inputs["cxr_images"] = f"{RESULTS}/cxr/images.npy"
         if "cxr" in settings["pretrained"]:
             inputs["cxr_encoder"] = cxr_encoder(wildcards.seed, settings["cxr"]["depth"])
+            if settings["cxr"]["frozen_stages"] == 4:
+                inputs["cxr_features"] = cxr_features(wildcards.seed, settings["cxr"]["depth"])
     elif HAS_CXR:
         # An EHR-only cell reads the index only to know which test stays have a usable image. cxr_cache rewrites
         # it unchanged when only cxr.image_size changes, so its timestamp must not rerun these cells: ancient().

@@ -37,6 +37,8 @@ rule cohort:
         "../../scripts/cohort.py"
 
 
+# Priorities put the short whole-machine jobs first, then the CXR chain (cxr_cache -> pretrain_cxr -> cxr_features)
+# that every CXR cell waits for, so the EHR-only cells fill the remaining cores meanwhile.
 rule ehr_tensor:
     input:
         mimic_iv=MIMIC_IV,
@@ -50,6 +52,7 @@ rule ehr_tensor:
     benchmark:
         "results/{dataset}/benchmarks/ehr_tensor/{task}.tsv"
     threads: 2  # pyarrow decompresses and parses in parallel with the filtering; >= 4: both tables at once
+    priority: 30
     conda:
         "../../envs/data.yaml"
     script:
@@ -71,6 +74,7 @@ rule cxr_cache:
     benchmark:
         "results/{dataset}/benchmarks/cxr_cache.tsv"
     threads: 2
+    priority: 20
     conda:
         "../../envs/data.yaml"
     script:

@@ -18,12 +18,37 @@ rule pretrain_cxr:
     benchmark:
         "results/{dataset}/benchmarks/pretrain_cxr/seed{seed}/resnet{depth}.tsv"
     threads: 2
+    priority: 20  # every CXR cell waits for it (see ehr_tensor in data.smk)
     resources:
         gpu=1,
     conda:
         "../../envs/torch.yaml"
     script:
         "../../scripts/pretrain_cxr.py"
+
+
+# The pretrained encoder's pooled features of every cached image, for the cells that keep the whole encoder frozen
+# (cxr.frozen_stages 4): each image passes the encoder once per seed and depth instead of once per cell.
+rule cxr_features:
+    input:
+        encoder="results/{dataset}/pretrain/seed{seed}/cxr_resnet{depth}.pt",
+        images="results/{dataset}/cxr/images.npy",
+    output:
+        features="results/{dataset}/pretrain/seed{seed}/cxr_resnet{depth}_features.npy",
+    params:
+        device=config["train"]["device"],
+    log:
+        "logs/{dataset}/cxr_features/seed{seed}/resnet{depth}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/cxr_features/seed{seed}/resnet{depth}.tsv"
+    threads: 2
+    priority: 20
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../../scripts/cxr_features.py"
 
 
 # A model's own EHR encoder on its task's EHR alone (MedFuse's first stage), for models declaring pretrained: [ehr].

@@ -8,10 +8,12 @@ rule aggregate:
         evaluate=config["evaluate"],
         ehr_only_models=ehr_only_models(),  # their one miss<r> run is reported at every miss<r>
         grid_missing=grid_missing(),
+        itemid_map=config["ehr"]["itemid_map"],
     log:
         "logs/{dataset}/aggregate.log",
     benchmark:
         "results/{dataset}/benchmarks/aggregate.tsv"
+    threads: 2
     conda:
         "../../envs/report.yaml"
     script:
@@ -31,10 +33,12 @@ rule aggregate_available:
         runs=grid_runs(),
         ehr_only_models=ehr_only_models(),
         grid_missing=grid_missing(),
+        itemid_map=config["ehr"]["itemid_map"],
     log:
         f"logs/{DATASET}/aggregate_available.log",
     benchmark:
         f"{RESULTS}/benchmarks/aggregate_available.tsv"
+    threads: 2
     conda:
         "../../envs/report.yaml"
     script:

@@ -3,8 +3,10 @@
 MIMIC-IV ``icu/chartevents`` and ``hosp/labevents`` are streamed block by block (:mod:`ehrcxr.data.events`),
 so memory grows with the cohort, never with the files. Events are assigned to cohort stays (chart: by
 ``stay_id``; labs and chart rows without one: by ``hadm_id`` and time, else by ``subject_id`` and time),
-cleaned by itemid, binned into hours since intime (last value wins), forward-filled, one-hot encoded and
-z-scored with train-split statistics.
+mapped to variables by the named itemid map (``corrected`` by default, or mimic3-benchmarks' ``benchmark``
+map), cleaned by itemid, binned into hours since intime (last value wins), forward-filled, one-hot encoded and
+z-scored with train-split statistics. A static variable (height, weight) without a value of its own in hour 0
+takes there the last value charted before intime for the stay or its admission, observed in the mask.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import pyarrow as pa
 from ehrcxr.data import events as event_stream
 from ehrcxr.data import raw
 from ehrcxr.data.tasks import task_stays
-from ehrcxr.resources import channels, itemids, variable_ranges
+from ehrcxr.resources import DEFAULT_ITEMID_MAP, channels, itemids, mapped_itemids, variable_ranges
 
 log = logging.getLogger("ehrcxr.ehr")
 
@@ -33,6 +35,8 @@ STAY_COLUMNS = ["stay_id", "subject_id", "hadm_id", "intime", "outtime", "los_ho
 SPLITS = ("train", "val", "test")
 CONCURRENT_TABLES_MIN_THREADS = 4  # measured: on 2 cores streaming the tables one after the other is faster
 DROP_REASONS = ("unassigned", "outside_window", "non_numeric", "out_of_range", "unknown_gcs")
+# Charted once and valid all stay: hour 0 falls back to the last value before intime (the value at admission).
+STATIC_VARIABLES = ("Height", "Weight")
 
 # Unit conversions by itemid (MIMIC-IV MetaVision items).
 FAHRENHEIT_ITEMS = (223761,)       # Temperature Fahrenheit
@@ -262,18 +266,21 @@ def text_coded_items() -> np.ndarray:
 
 
 def extract_hourly_codes(mimic_iv_root: str | Path, cohort: pd.DataFrame, hours: int, layout: Channels, *,
-                         threads: int = 1, block_size: int = event_stream.DEFAULT_BLOCK_SIZE
-                         ) -> tuple[np.ndarray, dict[str, int]]:
+                         itemid_map: str = DEFAULT_ITEMID_MAP, threads: int = 1,
+                         block_size: int = event_stream.DEFAULT_BLOCK_SIZE) -> tuple[np.ndarray, dict[str, int]]:
     """(stay, hour, variable) code of the last clean event per bin (NaN: none) and the drop counts.
 
-    ``cohort`` comes from :func:`prepare_stays`. With ``threads`` >= 4 chartevents and labevents stream
-    concurrently (each stream keeps ~2 cores busy: decompression, then parsing and filtering); the result does
-    not depend on it."""
+    ``cohort`` comes from :func:`prepare_stays`; ``itemid_map`` names the itemid map (``corrected`` or
+    ``benchmark``). Hour 0 of a :data:`STATIC_VARIABLES` variable without an event of its own holds the last
+    clean event before intime (see :func:`ehrcxr.data.events.select_block`). With ``threads`` >= 4 chartevents
+    and labevents stream concurrently (each stream keeps ~2 cores busy: decompression, then parsing and
+    filtering); the result does not depend on it."""
     root = Path(mimic_iv_root)
-    item_map = itemids()
+    item_map = mapped_itemids(itemid_map)
     stays = event_stream.StayLookup(cohort, hours)
     bins = event_stream.HourlyBins(len(cohort), hours, len(layout.variables))
     text_items = text_coded_items()
+    static_items = item_map.loc[item_map["variable"].isin(STATIC_VARIABLES), "itemid"].to_numpy()
 
     def stream(table: str) -> dict[str, int]:
         counts = dict.fromkeys(DROP_REASONS, 0)
@@ -282,12 +289,12 @@ def extract_hourly_codes(mimic_iv_root: str | Path, cohort: pd.DataFrame, hours:
         def consume(kept: event_stream.KeptEvents) -> None:
             clean = clean_events(kept.frame, layout, counts, unknown_gcs)
             rows = clean.index.to_numpy()
-            bins.update(kept.stay_pos[rows], kept.hour[rows], clean["variable"].to_numpy(),
-                        clean["code"].to_numpy(dtype=np.float64), kept.order[rows])
+            bins.update(kept.stay_pos[rows], kept.since[rows], kept.row_key[rows], clean["variable"].to_numpy(),
+                        clean["code"].to_numpy(dtype=np.float64))
 
         wanted = item_map.loc[item_map["table"] == table, "itemid"].to_numpy()
         path = raw.table_path(root, raw.MIMIC_IV_TABLES[table])
-        event_stream.stream_table(path, table, stays, wanted, text_items, consume, counts, block_size)
+        event_stream.stream_table(path, table, stays, wanted, text_items, static_items, consume, counts, block_size)
         if unknown_gcs:
             log.warning("%s: %d GCS events with an unknown value dropped (value: count) %s", path,
                         counts["unknown_gcs"], dict(unknown_gcs.most_common(10)))
@@ -296,7 +303,11 @@ def extract_hourly_codes(mimic_iv_root: str | Path, cohort: pd.DataFrame, hours:
     with ThreadPoolExecutor(max_workers=2 if threads >= CONCURRENT_TABLES_MIN_THREADS else 1) as pool:
         per_table = list(pool.map(stream, event_stream.EVENT_TABLES))
     counts = {reason: sum(table_counts[reason] for table_counts in per_table) for reason in DROP_REASONS}
-    return np.where(bins.order >= 0, bins.code, np.nan), counts
+    codes, carried = bins.codes()
+    for variable in STATIC_VARIABLES:
+        log.info("%s: hour 0 of %d of %d stays holds the last value before intime", variable,
+                 carried[:, layout.variables.index(variable)].sum(), len(cohort))
+    return codes, counts
 
 
 def tensor_from_codes(codes: np.ndarray, cohort: pd.DataFrame, layout: Channels,
@@ -329,18 +340,23 @@ def tensor_from_codes(codes: np.ndarray, cohort: pd.DataFrame, layout: Channels,
         attrs=attrs)
 
 
-def build_ehr_tensor(mimic_iv_root: str | Path, stays: pd.DataFrame, *, hours: int = 48, threads: int = 1,
+def build_ehr_tensor(mimic_iv_root: str | Path, stays: pd.DataFrame, *, hours: int = 48,
+                     itemid_map: str = DEFAULT_ITEMID_MAP, threads: int = 1,
                      block_size: int = event_stream.DEFAULT_BLOCK_SIZE) -> xr.Dataset:
     """Hourly tensor of the first ``hours`` hours of each stay: values (stay, hour, 59 features, z-scored
-    with train-split statistics), mask (stay, hour, 17 variables), length (valid hours)."""
+    with train-split statistics), mask (stay, hour, 17 variables), length (valid hours); attrs
+    ``itemid_map`` names the itemid map used."""
     if hours < 1:
         raise ValueError(f"hours must be >= 1, got {hours}")
+    mapped_itemids(itemid_map)  # an unknown map fails before the tables are read
     raw.check_mimic_iv(mimic_iv_root, tables=list(event_stream.EVENT_TABLES))
     cohort = prepare_stays(stays)
     layout = channel_layout()
-    codes, counts = extract_hourly_codes(mimic_iv_root, cohort, hours, layout, threads=threads,
-                                         block_size=block_size)
-    return tensor_from_codes(codes, cohort, layout, counts)
+    codes, counts = extract_hourly_codes(mimic_iv_root, cohort, hours, layout, itemid_map=itemid_map,
+                                         threads=threads, block_size=block_size)
+    dataset = tensor_from_codes(codes, cohort, layout, counts)
+    dataset.attrs["itemid_map"] = itemid_map
+    return dataset
 
 
 def observed_rates(dataset: xr.Dataset) -> pd.Series:
@@ -351,14 +367,17 @@ def observed_rates(dataset: xr.Dataset) -> pd.Series:
 
 
 def run_ehr_tensor(mimic_iv_root: str | Path, stays_path: str | Path, task: str, out_path: str | Path,
-                   hours: int = 48, threads: int = 1) -> xr.Dataset:
+                   hours: int = 48, itemid_map: str = DEFAULT_ITEMID_MAP, threads: int = 1) -> xr.Dataset:
     """Build the EHR tensor of ``task``'s cohort stays and write it as compressed NetCDF (h5netcdf).
 
+    ``itemid_map``: ``corrected`` or ``benchmark`` (mimic3-benchmarks' map, as MedFuse and CareBench).
     ``threads`` sizes pyarrow's CSV parsing pool; from 4 on chartevents and labevents stream concurrently."""
     pa.set_cpu_count(max(1, int(threads)))
     stays = task_stays(pd.read_parquet(stays_path), task)
     log.info("%s: %d stays (%s)", task, len(stays), stays["split"].value_counts().to_dict())
-    dataset = build_ehr_tensor(mimic_iv_root, stays, hours=hours, threads=threads)
+    excluded = itemids().loc[~itemids()["itemid"].isin(mapped_itemids(itemid_map)["itemid"]), "itemid"]
+    log.info("itemid map: %s (itemids left out: %s)", itemid_map, ", ".join(map(str, excluded)) or "none")
+    dataset = build_ehr_tensor(mimic_iv_root, stays, hours=hours, itemid_map=itemid_map, threads=threads)
     for key in sorted(k for k in dataset.attrs if k.startswith("dropped_")):
         log.info("%s: %d", key, dataset.attrs[key])
     for variable, rate in observed_rates(dataset).items():

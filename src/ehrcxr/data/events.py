@@ -2,9 +2,10 @@
 
 pyarrow's CSV reader decompresses and parses a file block by block on its own threads. Each block is cut
 down in Arrow to the mapped itemids of cohort subjects and to the first ``hours`` hours of their stays
-before anything becomes a pandas row, so the work in Python grows with the kept events only and memory
-with the cohort (the bins), never with the file. Bins keep the last event by charttime (a later file row
-wins ties; chartevents rows come before labevents rows), whatever the block size or thread interleaving.
+(static variables also before intime, see :func:`select_block`) before anything becomes a pandas row, so the
+work in Python grows with the kept events only and memory with the cohort (the bins), never with the file.
+Bins keep the last event by charttime (a later file row wins ties; chartevents rows come before labevents
+rows), whatever the block size or thread interleaving.
 """
 from __future__ import annotations
 
@@ -41,37 +42,65 @@ MAX_ROWS = 1 << ROW_BITS
 
 @dataclass
 class KeptEvents:
-    """Events of one block that fall in a cohort stay's first hours, ready for cleaning."""
+    """Events of one block kept for cohort stays (in their first hours, or static rows before intime)."""
 
     stay_pos: np.ndarray
-    hour: np.ndarray
-    order: np.ndarray           # int64 key; a larger key is the later event within its (stay, hour) bin
+    since: np.ndarray           # ms from the stay's intime; negative only for static variables' rows
+    row_key: np.ndarray         # table index << ROW_BITS | file row: the later row wins among equal charttimes
     frame: pd.DataFrame         # itemid, value (only where valuenum is empty or the item is text-coded), valuenum
 
 
+def _last_per_bin(flat: np.ndarray, keys: tuple[np.ndarray, ...], code: np.ndarray) -> tuple:
+    """(bins, keys, codes) of the event with the largest key per bin; ``keys`` least significant first."""
+    if len(flat) == 0:
+        return flat, keys, code
+    by_bin = np.lexsort((*keys, flat))
+    flat, keys, code = flat[by_bin], tuple(key[by_bin] for key in keys), code[by_bin]
+    last = np.append(flat[1:] != flat[:-1], True)
+    return flat[last], tuple(key[last] for key in keys), code[last]
+
+
 class HourlyBins:
-    """Last code per (stay, hour, variable), updated block by block; thread-safe."""
+    """Last code per (stay, hour, variable) from intime on, and per (stay, variable) the last code before
+    intime, updated block by block; thread-safe."""
 
     def __init__(self, n_stays: int, hours: int, n_variables: int):
         self.shape = (n_stays, hours, n_variables)
         self.code = np.full(self.shape, np.nan)
         self.order = np.full(self.shape, -1, dtype=np.int64)
+        self.before_code = np.full((n_stays, n_variables), np.nan)
+        self.before_since = np.full((n_stays, n_variables), np.iinfo(np.int64).min)
+        self.before_row_key = np.full((n_stays, n_variables), -1, dtype=np.int64)
         self._lock = threading.Lock()
 
-    def update(self, stay_pos: np.ndarray, hour: np.ndarray, variable: np.ndarray, code: np.ndarray,
-               order: np.ndarray) -> None:
-        """Keep, per bin, the value with the largest order key among the stored one and the new ones."""
-        if len(order) == 0:
-            return
-        flat = np.ravel_multi_index((stay_pos, hour, variable), self.shape)
-        by_bin = np.lexsort((order, flat))
-        flat, order, code = flat[by_bin], order[by_bin], code[by_bin]
-        last = np.append(flat[1:] != flat[:-1], True)
-        flat, order, code = flat[last], order[last], code[last]
+    def update(self, stay_pos: np.ndarray, since: np.ndarray, row_key: np.ndarray, variable: np.ndarray,
+               code: np.ndarray) -> None:
+        """Keep, per bin, the latest value (charttime, then row key) among the stored one and the new ones."""
+        window = since >= 0
+        hourly = np.ravel_multi_index((stay_pos[window], since[window] // MS_PER_HOUR, variable[window]),
+                                      self.shape)
+        order = ((since[window] % MS_PER_HOUR) << (ROW_BITS + 1)) | row_key[window]
+        hourly, (order,), hourly_code = _last_per_bin(hourly, (order,), code[window])
+        before = np.ravel_multi_index((stay_pos[~window], variable[~window]), self.before_code.shape)
+        before, (before_row_key, before_since), before_code = _last_per_bin(
+            before, (row_key[~window], since[~window]), code[~window])
         with self._lock:
-            newer = order > self.order.ravel()[flat]
-            self.order.ravel()[flat[newer]] = order[newer]
-            self.code.ravel()[flat[newer]] = code[newer]
+            newer = order > self.order.ravel()[hourly]
+            self.order.ravel()[hourly[newer]] = order[newer]
+            self.code.ravel()[hourly[newer]] = hourly_code[newer]
+            stored_since, stored_row_key = self.before_since.ravel()[before], self.before_row_key.ravel()[before]
+            newer = (before_since > stored_since) | ((before_since == stored_since) & (before_row_key > stored_row_key))
+            self.before_since.ravel()[before[newer]] = before_since[newer]
+            self.before_row_key.ravel()[before[newer]] = before_row_key[newer]
+            self.before_code.ravel()[before[newer]] = before_code[newer]
+
+    def codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(stay, hour, variable) codes (NaN: no event), where hour 0 without a code of its own takes the last
+        code before intime, and the (stay, variable) mask of those carried codes."""
+        codes = np.where(self.order >= 0, self.code, np.nan)
+        carried = np.isnan(codes[:, 0]) & ~np.isnan(self.before_code)
+        codes[:, 0][carried] = self.before_code[carried]
+        return codes, carried
 
 
 class StayLookup:
@@ -130,11 +159,14 @@ def _charttime_ms(batch: pa.RecordBatch, rows: np.ndarray, path: Path) -> np.nda
 
 
 def select_block(batch: pa.RecordBatch, first_row: int, table_index: int, path: Path, stays: StayLookup,
-                 wanted_items: pa.Array, text_items: pa.Array, counts: dict[str, int]) -> KeptEvents | None:
-    """Cut one parsed block down to kept events: mapped items of cohort stays within their first hours.
+                 wanted_items: pa.Array, text_items: pa.Array, static_items: pa.Array,
+                 counts: dict[str, int]) -> KeptEvents | None:
+    """Cut one parsed block down to kept events: mapped items of cohort stays within their first hours, and
+    rows of ``static_items`` charted before intime that name the stay or its admission (stay_id, or hadm_id
+    without a stay_id; rows with neither id are kept in the window only).
 
-    ``counts`` gains the rows of mapped items and cohort subjects that match no stay ("unassigned") or
-    whose candidate stays all miss the window ("outside_window")."""
+    ``counts`` gains the rows of mapped items and cohort subjects that match no stay ("unassigned") or that
+    none of their candidate stays keeps ("outside_window")."""
     rows = pc.indices_nonzero(pc.is_in(batch.column("itemid"), value_set=wanted_items))
     batch = batch.take(rows)
     cohort_rows = pc.indices_nonzero(pc.is_in(batch.column("subject_id"), value_set=stays.subjects))
@@ -151,8 +183,10 @@ def select_block(batch: pa.RecordBatch, first_row: int, table_index: int, path: 
     event, stay_pos = stays.candidates(stay_id, has_stay, hadm_id, has_hadm, np.asarray(batch.column("subject_id")))
     since = charttime[event] - stays.intime[stay_pos]
     in_window = (since >= 0) & (since < stays.hours * MS_PER_HOUR) & (charttime[event] <= stays.outtime[stay_pos])
+    static_with_id = np.asarray(pc.is_in(batch.column("itemid"), value_set=static_items)) & (has_stay | has_hadm)
+    keep = in_window | ((since < 0) & static_with_id[event])
     n_candidates = np.count_nonzero(np.bincount(event, minlength=len(rows)))
-    event, stay_pos, since = event[in_window], stay_pos[in_window], since[in_window]
+    event, stay_pos, since = event[keep], stay_pos[keep], since[keep]
     counts["unassigned"] += len(rows) - n_candidates
     counts["outside_window"] += n_candidates - np.count_nonzero(np.bincount(event, minlength=len(rows)))
     if len(event) == 0:
@@ -165,8 +199,7 @@ def select_block(batch: pa.RecordBatch, first_row: int, table_index: int, path: 
         "itemid": np.asarray(kept.column("itemid")),
         "value": pc.if_else(needs_text, kept.column("value"), pa.scalar(None, pa.string())).to_pandas(),
         "valuenum": kept.column("valuenum").to_numpy(zero_copy_only=False)})
-    order = ((since % MS_PER_HOUR) << (ROW_BITS + 1)) | (table_index << ROW_BITS) | rows[event]
-    return KeptEvents(stay_pos, since // MS_PER_HOUR, order, frame)
+    return KeptEvents(stay_pos, since, (table_index << ROW_BITS) | rows[event], frame)
 
 
 def prefetch(blocks: Iterator, depth: int = 2) -> Iterator:
@@ -258,23 +291,24 @@ def _locate_bad_value(path: Path, column: str, first_row: int, block_size: int) 
 
 
 def stream_table(path: Path, table: str, stays: StayLookup, wanted_items: np.ndarray, text_items: np.ndarray,
-                 consume: Callable[[KeptEvents], None], counts: dict[str, int],
+                 static_items: np.ndarray, consume: Callable[[KeptEvents], None], counts: dict[str, int],
                  block_size: int = DEFAULT_BLOCK_SIZE) -> int:
     """Stream one event table through :func:`select_block` into ``consume``; returns the rows read."""
     table_index = EVENT_TABLES.index(table)
     wanted, text = pa.array(wanted_items, pa.int64()), pa.array(text_items, pa.int64())
+    static = pa.array(static_items, pa.int64())
     n_rows = n_kept = 0
 
     def selected() -> Iterator[KeptEvents | None]:  # Arrow work, on the prefetch thread
         nonlocal n_rows
         for batch, first_row in iter_blocks(path, READ_COLUMNS[table], block_size):
             n_rows += batch.num_rows
-            yield select_block(batch, first_row, table_index, path, stays, wanted, text, counts)
+            yield select_block(batch, first_row, table_index, path, stays, wanted, text, static, counts)
 
     for kept in prefetch(selected()):
         if kept is not None:
             n_kept += len(kept.stay_pos)
             consume(kept)
-    log.info("%s: %d rows read, %d events of mapped items kept in the first %d h of cohort stays",
-             path, n_rows, n_kept, stays.hours)
+    log.info("%s: %d rows read, %d events of mapped items kept (first %d h of cohort stays; static variables "
+             "also before intime)", path, n_rows, n_kept, stays.hours)
     return n_rows

@@ -253,10 +253,10 @@ def _counts(y: np.ndarray, labels: list[str]) -> tuple[dict, list[dict]]:
     return macro_counts, label_counts
 
 
-def _metric_rows(key, eval_set, labels, y, p_by_seed, selection, *, n_boot, ci, seed) -> list[dict]:
+def _metric_rows(key, eval_set, labels, y, p_by_seed, selection, *, n_boot, ci, seed, threads=1) -> list[dict]:
     task, model, missing = key
     rows = []
-    results = bootstrap_metrics(y, p_by_seed, list(METRICS), n_boot=n_boot, ci=ci, seed=seed)
+    results = bootstrap_metrics(y, p_by_seed, list(METRICS), n_boot=n_boot, ci=ci, seed=seed, threads=threads)
     macro_counts, label_counts = _counts(y, labels)
     for name, (macro_ci, label_ci) in zip(METRICS, results):
         named = [(name, macro_ci, macro_counts)]
@@ -272,7 +272,7 @@ def _metric_rows(key, eval_set, labels, y, p_by_seed, selection, *, n_boot, ci, 
     return rows
 
 
-def _oracle_rows(groups, oracle_path: Path, *, n_boot, ci, seed) -> list[dict]:
+def _oracle_rows(groups, oracle_path: Path, *, n_boot, ci, seed, threads=1) -> list[dict]:
     oracle = pd.read_parquet(oracle_path)
     if "stay_id" not in oracle.columns:
         raise ValueError(f"{oracle_path}: missing column stay_id")
@@ -300,7 +300,7 @@ def _oracle_rows(groups, oracle_path: Path, *, n_boot, ci, seed) -> list[dict]:
             y = stays[[f"y_{label}" for label in labels]].to_numpy(dtype=np.int8)
             p = oracle.loc[stays["stay_id"], labels].to_numpy(dtype=np.float64)
             rows += _metric_rows((task, ORACLE_MODEL, ORACLE_MISSING), eval_set, labels, y, [p], ORACLE_SELECTION,
-                                 n_boot=n_boot, ci=ci, seed=seed)
+                                 n_boot=n_boot, ci=ci, seed=seed, threads=threads)
     return rows
 
 
@@ -384,15 +384,22 @@ def _counts_line(row) -> str:
     return line
 
 
+ITEMID_MAP_NOTES = {
+    "corrected": "EHR item map `corrected`: blood glucose and blood pH only.",
+    "benchmark": "EHR item map `benchmark`: mimic3-benchmarks' map as MedFuse and CareBench use it (urine glucose and "
+                 "urine / other-fluid pH feed glucose and pH), for comparability with published numbers.",
+}
+
+
 def render_markdown(table: pd.DataFrame, *, ci: float = 0.95, n_boot: int = 1000,
-                    missing_runs: list[Path] | None = None, n_runs: int = 0) -> str:
+                    missing_runs: list[Path] | None = None, n_runs: int = 0, itemid_map: str | None = None) -> str:
     """Markdown of the macro metrics: one section per task × eval_set, models × missing settings.
 
     Each section states its stays, positives and single-class labels (shared by every model and seed of the
     section); cells selected on validation loss, and (marked †) rows repeating an EHR-only model's runs at
     another miss<r>, are named at the top. With ``missing_runs`` (a list, possibly empty, of the ``n_runs`` run
     directories) the page is titled 'Available results' and first lists the runs that lack outputs, one row per
-    task/model/missing/seed.
+    task/model/missing/seed. ``itemid_map`` (the config's ehr.itemid_map) is named under the title.
     """
     lines = [
         "# Main results" if missing_runs is None else "# Available results",
@@ -400,6 +407,8 @@ def render_markdown(table: pd.DataFrame, *, ci: float = 0.95, n_boot: int = 1000
         f"Estimate [{ci:.0%} CI]: mean over training seeds of the macro metric on the test stays; "
         f"percentile bootstrap over stays ({n_boot} resamples, shared by all seeds).",
     ]
+    if itemid_map is not None:
+        lines += ["", ITEMID_MAP_NOTES.get(itemid_map, f"EHR item map `{itemid_map}`.")]
     lines += _selection_note(table) + _shared_note(table)
     if missing_runs is not None:
         lines += _missing_section(missing_runs, n_runs)
@@ -432,6 +441,8 @@ def aggregate_runs(
     allow_missing: bool = False,
     ehr_only_models=(),
     grid_missing=(),
+    threads: int = 1,
+    itemid_map: str | None = None,
 ) -> pd.DataFrame:
     """Build the main results table from run directories and write it as CSV and Markdown.
 
@@ -448,7 +459,8 @@ def aggregate_runs(
     titled 'Available results'. ``ehr_only_models`` with ``grid_missing`` (the grid's missingness settings):
     each of these models' runs at one miss<r> also give its rows at every other miss<r> of the grid
     (:func:`served_missing`); ``run_missing`` names the setting a row's runs were trained at (``missing``
-    otherwise) and ``n_seeds`` the runs it rests on.
+    otherwise) and ``n_seeds`` the runs it rests on. ``threads``: labels bootstrapped at once. ``itemid_map``: the
+    EHR item map the tensors were built with, named in the Markdown.
     Returns the long-form table (columns :data:`COLUMNS`).
     """
     runs, missing = _load_runs(run_dirs, allow_missing)
@@ -464,14 +476,14 @@ def aggregate_runs(
                 continue
             y, p_by_seed = _pooled_arrays(members, eval_set)
             group_rows[key] += _metric_rows(key, eval_set, members[0].labels, y, p_by_seed, selection,
-                                            n_boot=n_boot, ci=ci, seed=seed)
+                                            n_boot=n_boot, ci=ci, seed=seed, threads=threads)
         log.info("aggregated %s over seeds %s (selected by %s)", key, [r.seed for r in members], selection)
     for key, source in served_missing(groups, ehr_only_models, grid_missing).items():
         group_rows[key] = [{**row, "missing": key[2]} for row in group_rows[source]]
         log.info("reported %s from the EHR-only runs at %s", key, source[2])
     rows = [row for key in sorted(group_rows) for row in group_rows[key]]
     if oracle_path is not None:
-        rows += _oracle_rows(groups, Path(oracle_path), n_boot=n_boot, ci=ci, seed=seed)
+        rows += _oracle_rows(groups, Path(oracle_path), n_boot=n_boot, ci=ci, seed=seed, threads=threads)
     table = pd.DataFrame(rows, columns=COLUMNS)
     table = table.sort_values(["task", "eval_set", "metric", "model", "missing"], kind="stable").reset_index(drop=True)
     out_csv, out_md = Path(out_csv), Path(out_md)
@@ -479,7 +491,7 @@ def aggregate_runs(
     out_md.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_csv, index=False)
     out_md.write_text(render_markdown(table, ci=ci, n_boot=n_boot, missing_runs=missing if allow_missing else None,
-                                      n_runs=len(runs) + len(missing)))
+                                      n_runs=len(runs) + len(missing), itemid_map=itemid_map))
     log.info("wrote %d rows to %s and %s", len(table), out_csv, out_md)
     if missing:
         log.warning("%d of %d runs are missing and left out of the tables: %s", len(missing),
@@ -488,14 +500,15 @@ def aggregate_runs(
 
 
 def run_aggregate(run_dirs, out_csv, out_md, oracle_path, params: dict, allow_missing: bool = False,
-                  ehr_only_models=(), grid_missing=()) -> pd.DataFrame:
+                  ehr_only_models=(), grid_missing=(), threads: int = 1, itemid_map: str | None = None) -> pd.DataFrame:
     """Workflow entry point: ``params`` is the config ``evaluate:`` section (n_bootstrap, ci, seed);
     ``allow_missing`` tabulates the runs that have outputs and lists the others; ``ehr_only_models`` and
-    ``grid_missing`` report EHR-only runs at every miss<r> (see :func:`aggregate_runs`)."""
+    ``grid_missing`` report EHR-only runs at every miss<r> (see :func:`aggregate_runs`); ``threads``: labels
+    bootstrapped at once."""
     absent = [k for k in ("n_bootstrap", "ci", "seed") if k not in params]
     if absent:
         raise ValueError(f"config evaluate: section lacks {absent}")
     return aggregate_runs(run_dirs, out_csv, out_md, oracle_path=oracle_path or None,
                           n_boot=int(params["n_bootstrap"]), ci=float(params["ci"]), seed=int(params["seed"]),
                           allow_missing=allow_missing, ehr_only_models=ehr_only_models,
-                          grid_missing=grid_missing)
+                          grid_missing=grid_missing, threads=threads, itemid_map=itemid_map)

@@ -9,6 +9,7 @@ positive and negative counts of each group of tied scores give AUROC (ties count
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -35,46 +36,61 @@ def _check_weights(w, n: int) -> tuple[np.ndarray, bool]:
     return w, single
 
 
+def _tie_groups(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One sort of a label's scores: (ascending order, whether each sorted stay is positive, the start of each
+    group of tied scores or None when no two scores tie)."""
+    order = np.argsort(p, kind="stable")
+    sorted_p = p[order]
+    positive = y[order].astype(bool)
+    starts = None
+    if sorted_p.size > 1 and (sorted_p[1:] == sorted_p[:-1]).any():
+        starts = np.flatnonzero(np.r_[True, sorted_p[1:] != sorted_p[:-1]])
+    return order, positive, starts
+
+
+def _group_sums(w: np.ndarray, groups: tuple[np.ndarray, np.ndarray, np.ndarray | None]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted positives and negatives per tie group (ascending scores) of weight rows ``w`` (B, n) -> (B, G)."""
+    order, positive, starts = groups
+    weights = w[:, order]
+    pos = weights * positive
+    neg = weights - pos
+    if starts is not None:
+        pos, neg = np.add.reduceat(pos, starts, axis=1), np.add.reduceat(neg, starts, axis=1)
+    return pos, neg
+
+
 def _tie_group_sums(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted positives and negatives per group of tied scores, groups in ascending score order.
 
     ``y`` (n,) 0/1, ``p`` (n,), ``w`` (B, n) float weights -> two (B, G) arrays.
     """
-    order = np.argsort(p, kind="stable")
-    sorted_p = p[order]
-    positive = y[order].astype(bool)
-    weights = w[:, order]
-    pos_weights = weights * positive
-    if sorted_p.size > 1 and (sorted_p[1:] == sorted_p[:-1]).any():
-        starts = np.flatnonzero(np.r_[True, sorted_p[1:] != sorted_p[:-1]])
-        pos = np.add.reduceat(pos_weights, starts, axis=1)
-        total = np.add.reduceat(weights, starts, axis=1)
-    else:
-        pos, total = pos_weights, weights
-    return pos, total - pos
+    return _group_sums(w, _tie_groups(y, p))
 
 
 def _auroc_from_groups(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     """AUROC per row from ascending tie-group sums: P(score_pos > score_neg) + ½ P(tie); NaN if one class."""
     n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
-    neg_below = np.cumsum(neg, axis=1) - neg
-    concordant = (pos * (neg_below + 0.5 * neg)).sum(axis=1)
+    neg_below_plus_half_tied = np.cumsum(neg, axis=1)
+    neg_below_plus_half_tied -= 0.5 * neg
+    concordant = np.einsum("bg,bg->b", pos, neg_below_plus_half_tied)
     denom = n_pos * n_neg
     return np.divide(concordant, denom, out=np.full(denom.shape, np.nan), where=denom > 0)
 
 
 def _auprc_from_groups(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     """Average precision per row from ascending tie-group sums; NaN when a row has no positives."""
-    n_pos = pos.sum(axis=1)
-    # true/false positives when thresholding at each group's score (that group and all higher scores)
-    tp = n_pos[:, None] - (np.cumsum(pos, axis=1) - pos)
-    fp = neg.sum(axis=1)[:, None] - (np.cumsum(neg, axis=1) - neg)
-    predicted = tp + fp
+    # true positives and all predicted positives when thresholding at each group's score (it and all higher)
+    tp = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1]
+    predicted = np.cumsum(neg[:, ::-1], axis=1)[:, ::-1]
+    predicted += tp
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    summed = (pos * precision).sum(axis=1)
+    n_pos = tp[:, 0] if tp.shape[1] else np.zeros(tp.shape[0])
+    summed = np.einsum("bg,bg->b", pos, precision)
     return np.divide(summed, n_pos, out=np.full(n_pos.shape, np.nan), where=n_pos > 0)
 
 
+BLOCK_ROWS = 64  # bootstrap rows evaluated together: a label's (64, n) arrays fit in the CPU cache
 _FROM_GROUPS = {"auroc": _auroc_from_groups, "auprc": _auprc_from_groups}
 
 
@@ -130,27 +146,42 @@ def _check_inputs(y, p_by_seed: Sequence) -> tuple[np.ndarray, list[np.ndarray]]
 
 
 def _label_stats(
-    y: np.ndarray, p_by_seed: list[np.ndarray], metrics: Sequence[str | Metric], weights: np.ndarray
+    y: np.ndarray, p_by_seed: list[np.ndarray], metrics: Sequence[str | Metric], weights: np.ndarray, threads: int = 1
 ) -> list[np.ndarray]:
     """Per metric, the (S, W, L) value for every seed, weight row and label (NaN where undefined).
 
-    Vectorised metrics share one sort and one tie-group pass per seed and label.
+    Vectorised metrics share one sort per seed and label, then run over blocks of ``BLOCK_ROWS`` weight rows
+    (whose arrays stay in the CPU cache); ``threads`` (seed, label) pairs run at once (numpy releases the GIL).
     """
     n_seeds, (n, n_labels) = len(p_by_seed), y.shape
     out = [np.empty((n_seeds, weights.shape[0], n_labels)) for _ in metrics]
     vectorised = [isinstance(m, str) and m in _FROM_GROUPS for m in metrics]
     stays, int_weights = np.arange(n), weights.astype(np.int64)
-    for s, p in enumerate(p_by_seed):
-        for j in range(n_labels):
-            groups = _tie_group_sums(y[:, j], p[:, j], weights) if any(vectorised) else None
-            for k, metric in enumerate(metrics):
-                if vectorised[k]:
-                    out[k][s, :, j] = _FROM_GROUPS[metric](*groups)
-                    continue
+
+    def one_label(s: int, j: int) -> None:
+        p = p_by_seed[s]
+        if any(vectorised):
+            groups = _tie_groups(y[:, j], p[:, j])
+            for start in range(0, weights.shape[0], BLOCK_ROWS):
+                block = slice(start, start + BLOCK_ROWS)
+                sums = _group_sums(weights[block], groups)
+                for k, metric in enumerate(metrics):
+                    if vectorised[k]:
+                        out[k][s, block, j] = _FROM_GROUPS[metric](*sums)
+        for k, metric in enumerate(metrics):
+            if not vectorised[k]:
                 fn = resolve_metric(metric)  # no weighted form: evaluate each expanded resample
                 for b, row in enumerate(int_weights):
                     idx = np.repeat(stays, row)
                     out[k][s, b, j] = fn(y[idx, j], p[idx, j])
+
+    pairs = [(s, j) for s in range(n_seeds) for j in range(n_labels)]
+    if threads > 1 and all(vectorised):
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(lambda pair: one_label(*pair), pairs))
+    else:
+        for pair in pairs:
+            one_label(*pair)
     return out
 
 
@@ -176,12 +207,13 @@ def bootstrap_metrics(
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
+    threads: int = 1,
 ) -> list[tuple[tuple[float, float, float], np.ndarray]]:
     """Seed-pooled macro and per-label bootstrap estimates of each metric, on the same resamples.
 
     Returns, per metric, ``((estimate, low, high) of the macro metric, (L, 3) array of per-label
     estimate, low, high)``; see :func:`bootstrap_ci` for the definitions. A label lacking a class on
-    the full set gets a NaN estimate.
+    the full set gets a NaN estimate. ``threads``: labels evaluated at once (the results do not depend on it).
     """
     if not 0 < ci < 1:
         raise ValueError(f"ci must lie in (0, 1), got {ci}")
@@ -191,7 +223,7 @@ def bootstrap_metrics(
     weights = np.vstack([np.ones((1, n)), counts]).astype(np.float64)  # row 0 = the full set
     valid = (weights @ y > 0) & (weights @ (1 - y) > 0)  # (W, L): both classes present
     results = []
-    for stats in _label_stats(y, p_by_seed, list(metrics), weights):  # (S, W, L) each
+    for stats in _label_stats(y, p_by_seed, list(metrics), weights, threads):  # (S, W, L) each
         stats = np.where(valid[None], stats, np.nan)
         macro_pooled = _masked_mean(stats, np.isfinite(stats), axis=2).mean(axis=0)  # (W,)
         macro_ci = (float(macro_pooled[0]), *_percentile_ci(macro_pooled[1:], ci))

@@ -12,7 +12,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -157,6 +156,8 @@ class CXRBackbone(nn.Module):
         if not 0 <= int(frozen_stages) <= 4:
             raise ValueError(f"cxr frozen_stages must be in 0..4; got {frozen_stages!r}")
         self.depth, self.frozen_stages, self.in_channels = depth, int(frozen_stages), in_channels
+        import torchvision  # here, not at the top: EHR-only cells never pay its ~3 s import
+
         # "imagenet" downloads torchvision's IMAGENET1K_V1 weights (opt-in); a path is loaded below.
         resnet = torchvision.models.get_model(f"resnet{depth}",
                                               weights="IMAGENET1K_V1" if weights == "imagenet" else None)

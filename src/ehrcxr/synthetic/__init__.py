@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ehrcxr.synthetic.cohort import build_cohort, write_core_tables, write_diagnoses
-from ehrcxr.synthetic.cxr import write_cxr
+from ehrcxr.synthetic.cxr import AVAILABILITY_DESCRIPTION, write_cxr
 from ehrcxr.synthetic.ehr import Physiology, write_chartevents, write_dictionaries, write_labevents
 from ehrcxr.synthetic.state import (LABELS, MORTALITY_DESCRIPTION, PREVALENCE, SIGNAL_CARRIERS,
                                          SIGNAL_MAP)
@@ -29,24 +29,29 @@ __all__ = ["generate", "SIGNAL_MAP", "SIGNAL_CARRIERS", "PREVALENCE", "MORTALITY
 
 def signal_map() -> dict:
     """Content of signal_map.json: label -> "cxr"|"ehr"|"both"|"weak" (phenotypes and "mortality"),
-    plus ``mortality_description``."""
+    plus ``mortality_description`` and ``cxr_availability_description`` (who gets an X-ray)."""
     return {**{label: SIGNAL_MAP[label] for label in [*LABELS, "mortality"]},
-            "mortality_description": MORTALITY_DESCRIPTION}
+            "mortality_description": MORTALITY_DESCRIPTION, "cxr_availability_description": AVAILABILITY_DESCRIPTION}
 
 
 def generate(out_dir: str | Path, n_stays: int = 6000, seed: int = 0, image_size: int = 128,
-             n_corrupt_images: int = 2) -> dict:
+             n_corrupt_images: int = 2, cxr_paired_share: float = 0.265, signal_strength: float = 1.0) -> dict:
     """Write a synthetic MIMIC-IV + MIMIC-CXR-JPG dataset of ``n_stays`` ICU stays under ``out_dir``.
 
     Layout: ``mimic-iv/{hosp,icu}/*.csv.gz``, ``mimic-cxr-jpg/mimic-cxr-2.0.0-*.csv.gz`` and
     ``mimic-cxr-jpg/files/...jpg``, ``oracle.parquet``, ``signal_map.json``. Deterministic per seed.
     Returns the row count of every table written plus ``corrupt_images`` (relative paths of the
-    JPEGs written truncated on purpose).
+    JPEGs written truncated on purpose). ``cxr_paired_share``: expected share of stays with an AP image in their
+    first 48 h (who is imaged is informative: see ``signal_map()['cxr_availability_description']``).
+    ``signal_strength`` multiplies every latent severity before it reaches an EHR variable or an X-ray finding
+    (1 = default; labels, the oracle and mortality are unchanged, only how visible they are).
     """
     if int(n_stays) != n_stays or n_stays < 10:
         raise ValueError(f"n_stays must be an integer >= 10, got {n_stays!r}")
     if int(image_size) != image_size or image_size < 32:
         raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}")
+    if not signal_strength > 0:
+        raise ValueError(f"signal_strength must be positive, got {signal_strength!r}")
     if int(n_corrupt_images) != n_corrupt_images or n_corrupt_images < 0:
         raise ValueError(f"n_corrupt_images must be a non-negative integer, got {n_corrupt_images!r}")
     out = Path(out_dir)
@@ -57,12 +62,13 @@ def generate(out_dir: str | Path, n_stays: int = 6000, seed: int = 0, image_size
     cohort = build_cohort(rng, int(n_stays))
     counts: dict = write_core_tables(cohort, mimic_iv)
     counts.update(write_diagnoses(cohort, rng, mimic_iv))
-    physiology = Physiology(cohort, rng)
+    physiology = Physiology(cohort, rng, signal_strength=float(signal_strength))
     counts["chartevents"] = write_chartevents(cohort, physiology, rng, mimic_iv)
     counts["labevents"] = write_labevents(cohort, physiology, rng, mimic_iv)
     counts.update(write_dictionaries(mimic_iv))
     log.info("MIMIC-IV tables written after %.1f s", time.perf_counter() - started)
-    counts.update(write_cxr(cohort, physiology, rng, mimic_cxr, int(image_size), int(n_corrupt_images)))
+    counts.update(write_cxr(cohort, physiology, rng, mimic_cxr, int(image_size), int(n_corrupt_images),
+                            float(cxr_paired_share)))
     log.info("MIMIC-CXR-JPG written after %.1f s", time.perf_counter() - started)
 
     admission = cohort.stays["admission_row"].to_numpy()

@@ -13,6 +13,7 @@ from ehrcxr.resources import phenotypes
 
 HOUR = 3600
 DAY = 86400
+LOS_RISK_WEIGHT = 0.45
 YEAR_SECONDS = 365.2425 * DAY
 
 RACE_STRINGS: dict[str, tuple[list[str], list[float]]] = {
@@ -153,8 +154,11 @@ def build_cohort(rng: np.random.Generator, n_stays: int) -> Cohort:
     age = subjects["anchor_age"].to_numpy()[subject].astype(float)
     state = st.draw_state(rng, subject, subjects["race_group"].to_numpy()[subject], age, male)
 
-    # ICU stays: the first of each admission, then the second of the two-stay admissions.
-    los1 = np.clip(np.exp(rng.normal(0.9 + 0.15 * state.acuity, 0.8)), 0.45, 21.0) * 24.0
+    # ICU stays: the first of each admission, then the second of the two-stay admissions. The sicker stay longer
+    # (log-LOS rises LOS_RISK_WEIGHT per SD of the mortality score), so mortality rises with ICU LOS as in MIMIC.
+    score = st.mortality_score(state, age)
+    risk = (score - score.mean()) / score.std()
+    los1 = np.clip(np.exp(rng.normal(0.8 + LOS_RISK_WEIGHT * risk, 0.75)), 0.45, 21.0) * 24.0
     los2 = np.clip(np.exp(rng.normal(0.5, 0.8, n_admissions)), 0.45, 14.0) * 24.0
     gap = rng.uniform(12.0, 120.0, n_admissions)
     stay_admission = np.r_[np.arange(n_admissions), np.flatnonzero(two_stays)]
@@ -163,7 +167,6 @@ def build_cohort(rng: np.random.Generator, n_stays: int) -> Cohort:
     stay_offset = np.where(stay_number == 0, 0.0, (los1 + gap)[stay_admission])
 
     # Mortality: calibrated on stays of >= 48 h, drawn per admission.
-    score = st.mortality_score(state, age)
     long_stays = stay_los >= 48.0
     intercept = st.solve_intercepts(score[stay_admission][:, None], np.array([st.MORTALITY_TARGET]),
                                     rows=long_stays if long_stays.any() else None)[0]

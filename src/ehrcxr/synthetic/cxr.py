@@ -191,21 +191,52 @@ def render_images(f: dict[str, np.ndarray], lateral: np.ndarray, size: int, rng:
     return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def draw_studies(cohort: Cohort, physiology: Physiology, rng: np.random.Generator) -> pd.DataFrame:
-    """One row per image: stay, study number, time (hours from intime), view position."""
+# Who gets a chest X-ray: the logit of being imaged at all rises with acuity and with the respiratory and cardiac
+# severities that make clinicians order one (and place lines whose position it checks), with a longer ICU stay,
+# and differs by race group (CXR_AVAILABILITY_OFFSET); its intercept is solved so that the expected share of stays
+# with a paired image (an AP image in the first PAIRING_WINDOW_HOURS) equals the requested one.
+IMAGING_ACUITY = 0.6
+IMAGING_SEVERITY = {"ph_respiratory_failure": 0.5, "ph_pneumonia": 0.3, "ph_chf": 0.3, "ph_shock": 0.25,
+                    "ph_septicemia": 0.15}
+IMAGING_LOS = 0.3           # per unit of log(ICU LOS / 48 h), clipped to +-1.5
+PAIRING_WINDOW_HOURS = 48.0
+AVAILABILITY_DESCRIPTION = (
+    "A stay is imaged at all with probability sigmoid(b + 0.6 acuity + 0.5 s_respiratory_failure + 0.3 s_pneumonia "
+    "+ 0.3 s_chf + 0.25 s_shock + 0.15 s_septicemia + 0.3 clip(log(ICU LOS / 48 h), -1.5, 1.5) + race offset "
+    "(WHITE +0.1, ASIAN 0, OTHER -0.25, BLACK -0.3, HISPANIC -0.45)); severities at hour 24 of the admission. b is "
+    "solved so that the expected share of stays with an AP image in the first 48 h equals synthetic.cxr_paired_share "
+    "(real MIMIC-IV + MIMIC-CXR: 26.5%, CareBench). Sicker, respiratory and cardiac patients are imaged more: the "
+    "X-ray is missing not at random, unlike the miss<r> settings.")
+
+
+def imaging_score(cohort: Cohort, physiology: Physiology) -> np.ndarray:
+    """Per stay, the logit of being imaged without its intercept (see AVAILABILITY_DESCRIPTION)."""
     stays, state = cohort.stays, cohort.state
-    n = len(stays)
     admission = stays["admission_row"].to_numpy()
-    offset = stays["offset_hours"].to_numpy()
+    at_day_one = stays["offset_hours"].to_numpy() + st.REFERENCE_HOUR
     los = (stays["outtime"] - stays["intime"]).to_numpy() / HOUR
-    race_offset = np.array([CXR_AVAILABILITY_OFFSET[g] for g in physiology.race_group])
-    resp = state.ehr_facet("ph_respiratory_failure", admission, offset + 24.0)
-    available = rng.random(n) < st.sigmoid(0.5 + 0.35 * state.acuity[admission] + 0.3 * resp + race_offset)
-    count = np.where(available, 1 + np.minimum(rng.poisson(0.6, n), 4), 0)
+    score = IMAGING_ACUITY * state.acuity[admission]
+    for label, weight in IMAGING_SEVERITY.items():
+        score = score + weight * state.total(label, admission, at_day_one)
+    score = score + IMAGING_LOS * np.clip(np.log(los / PAIRING_WINDOW_HOURS), -1.5, 1.5)
+    return score + np.array([CXR_AVAILABILITY_OFFSET[g] for g in physiology.race_group])
+
+
+def draw_studies(cohort: Cohort, physiology: Physiology, rng: np.random.Generator,
+                 paired_share: float = 0.265) -> pd.DataFrame:
+    """One row per image: stay, study number, time (hours from intime), view position. Every stay first gets a
+    candidate imaging history; the stays imaged at all are then drawn from ``imaging_score`` with the intercept
+    that makes the expected share of stays with a paired image (AP, first 48 h) equal ``paired_share``."""
+    if not 0.0 < paired_share < 1.0:
+        raise ValueError(f"paired_share must lie in (0, 1), got {paired_share!r}")
+    stays = cohort.stays
+    n = len(stays)
+    los = (stays["outtime"] - stays["intime"]).to_numpy() / HOUR
+    count = 1 + np.minimum(rng.poisson(0.6, n), 4)
     stay = np.repeat(np.arange(n), count)
     first = np.r_[True, np.diff(stay) != 0] if len(stay) else np.zeros(0, bool)
     span = los[stay]
-    early_end = np.minimum(48.0, span)
+    early_end = np.minimum(PAIRING_WINDOW_HOURS, span)
     kind = rng.random(len(stay))
     hours = np.where(kind < 0.12, -rng.uniform(2.0, 96.0, len(stay)),
                      np.where(kind < 0.82, 0.2 + (early_end - 0.2) * rng.random(len(stay)) ** 1.3,
@@ -220,7 +251,18 @@ def draw_studies(cohort: Cohort, physiology: Physiology, rng: np.random.Generato
     view_draw = rng.random(len(stay))
     study_kind = np.where(before_stay, np.digitize(view_draw, [0.47, 0.5, 0.95]),
                           np.digitize(view_draw, [0.86, 0.89, 0.97]))
-    studies = pd.DataFrame({"stay": stay, "hours": hours, "kind": study_kind})
+    pairing = np.isin(study_kind, (0, 1)) & (hours >= 0) & (hours <= PAIRING_WINDOW_HOURS)
+    would_pair = np.bincount(stay[pairing], minlength=n) > 0
+    # expected paired share = sum over would-pair stays of sigmoid(score + b) / n: solve b on those stays
+    candidates = int(would_pair.sum())
+    if candidates <= paired_share * n:
+        raise ValueError(f"paired_share {paired_share} is unreachable: only {candidates} of {n} stays have an AP image "
+                         f"in the first {PAIRING_WINDOW_HOURS:.0f} h even when all are imaged")
+    score = imaging_score(cohort, physiology)
+    intercept = st.solve_intercepts(score[would_pair][:, None], np.array([paired_share * n / candidates]))[0]
+    imaged = rng.random(n) < st.sigmoid(score + intercept)
+    keep = imaged[stay]
+    studies = pd.DataFrame({"stay": stay[keep], "hours": hours[keep], "kind": study_kind[keep]})
     studies["study_id"] = rng.permutation(sio.unique_ids(rng, len(studies), 50_000_000, 60_000_000))
     studies["ms"] = rng.integers(0, 1000, len(studies))
     n_images = IMAGES_PER_STUDY[studies["kind"].to_numpy()]
@@ -233,17 +275,22 @@ def draw_studies(cohort: Cohort, physiology: Physiology, rng: np.random.Generato
 
 def study_findings(cohort: Cohort, physiology: Physiology, studies: pd.DataFrame,
                    rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Finding strengths of each study (rows of ``studies``, one per study) from the state at its time."""
+    """Finding strengths of each study (rows of ``studies``, one per study) from the state at its time (each
+    severity scaled by ``physiology.signal_strength``, as for the EHR variables)."""
     state = cohort.state
+
+    def visible(label: str, admission: np.ndarray, hours: np.ndarray) -> np.ndarray:
+        return physiology.signal_strength * state.cxr_facet(label, admission, hours)
+
     stays = cohort.stays
     s = studies["stay"].to_numpy()
     adm = stays["admission_row"].to_numpy()[s]
     t = stays["offset_hours"].to_numpy()[s] + studies["hours"].to_numpy()
     m = len(s)
-    chf = state.cxr_facet("ph_chf", adm, t)
-    acute_mi = state.cxr_facet("ph_acute_mi", adm, t)
-    pleura = state.cxr_facet("ph_pleurisy_pneumothorax", adm, t)
-    shock = state.cxr_facet("ph_shock", adm, t)
+    chf = visible("ph_chf", adm, t)
+    acute_mi = visible("ph_acute_mi", adm, t)
+    pleura = visible("ph_pleurisy_pneumothorax", adm, t)
+    shock = visible("ph_shock", adm, t)
     # Per-admission anatomy of lesions: the same side, lobe and nodule place at every study.
     n_adm = len(cohort.admissions)
     side = rng.choice([-1.0, 1.0], n_adm)[adm]
@@ -255,17 +302,17 @@ def study_findings(cohort: Cohort, physiology: Physiology, studies: pd.DataFrame
         "heart_width": (0.23 + 0.06 * np.clip(chf, -2.0, 3.0) - 0.03 * np.clip(shock, -2.0, 3.0)
                         + rng.normal(0, 0.006, m)),
         "edema": st.edema_level(chf, acute_mi),
-        "consolidation": st.sigmoid(2.5 * (state.cxr_facet("ph_pneumonia", adm, t) - 0.5)),
-        "lower_opacity": st.sigmoid(2.2 * (state.cxr_facet("ph_other_lower_respiratory", adm, t) - 0.4)),
-        "diffuse_opacity": st.sigmoid(2.2 * (state.cxr_facet("ph_respiratory_failure", adm, t) - 0.5)),
+        "consolidation": st.sigmoid(2.5 * (visible("ph_pneumonia", adm, t) - 0.5)),
+        "lower_opacity": st.sigmoid(2.2 * (visible("ph_other_lower_respiratory", adm, t) - 0.4)),
+        "diffuse_opacity": st.sigmoid(2.2 * (visible("ph_respiratory_failure", adm, t) - 0.5)),
         "effusion": np.maximum(0.7 * st.sigmoid(3.0 * (pleura - 0.8)), 0.6 * st.sigmoid(2.5 * (chf - 1.3))),
         "pneumothorax": st.sigmoid(3.0 * (pleura - 0.8)),
         "et_tube": physiology.ventilated(s, studies["hours"].to_numpy()).astype(float),
         "central_line": (shock + rng.normal(0, 0.15, m) > 0.3).astype(float),
         "swan_ganz": (shock + rng.normal(0, 0.25, m) > 1.2).astype(float),
-        "picc": (state.cxr_facet("ph_septicemia", adm, t) + rng.normal(0, 0.1, m) > 0.4).astype(float),
+        "picc": (visible("ph_septicemia", adm, t) + rng.normal(0, 0.1, m) > 0.4).astype(float),
         "nodule": lesion.astype(float),
-        "hyperinflation": st.sigmoid(2.0 * (state.cxr_facet("ph_copd", adm, t) - 0.5)),
+        "hyperinflation": st.sigmoid(2.0 * (visible("ph_copd", adm, t) - 0.5)),
         "frailty": np.clip(state.frailty[adm], -2.5, 2.5),
         "lesion_side": side,
         "lesion_dx": rng.normal(0, 0.04, m),
@@ -329,9 +376,10 @@ def _encode_jpeg(pixels: np.ndarray) -> bytes:
 
 
 def write_cxr(cohort: Cohort, physiology: Physiology, rng: np.random.Generator, root: Path, image_size: int,
-              n_corrupt_images: int) -> dict:
-    """Write the three MIMIC-CXR-JPG tables and every JPEG; returns counts and the corrupt image paths."""
-    images = draw_studies(cohort, physiology, rng)
+              n_corrupt_images: int, paired_share: float = 0.265) -> dict:
+    """Write the three MIMIC-CXR-JPG tables and every JPEG (``paired_share``: see ``draw_studies``); returns counts
+    and the corrupt image paths."""
+    images = draw_studies(cohort, physiology, rng, paired_share)
     stays = cohort.stays
     images["subject_id"] = stays["subject_id"].to_numpy()[images["stay"]]
     study_rows = images.drop_duplicates("study_id").reset_index(drop=True)

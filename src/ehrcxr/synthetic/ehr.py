@@ -1,8 +1,8 @@
 """Synthetic chartevents and labevents: the 17 benchmark variables through their real MIMIC-IV itemids.
 
-Vitals come roughly hourly (jittered, with gaps), temperature/GCS/FiO2 every few hours, glucose
-and pH a few times, weight and height once; values follow the latent state at the charting time
-(see ``physiology``). Chart events stop 72 h into each stay to keep the volume sane.
+Vitals come hourly (jittered, a short gap in some stays; ~95% of hours observed, as in the real MIMIC-IV demo),
+temperature/GCS/FiO2 every few hours, glucose and pH a few times, weight and height once; values follow the latent
+state at the charting time (see ``Physiology``), diseases moving each variable one way only (``excess``). Chart events stop 72 h into each stay to keep the volume sane.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from ehrcxr.synthetic.state import LatentState, sigmoid
 
 CHART_HOURS = 72.0
 PULSE_OXIMETRY_BIAS = {"BLACK": 2.5}  # SpO2 reads this many points above the true saturation
+BP_TREND_MMHG_PER_DAY = 6.0  # systolic BP drift per day per unit of the latent bp_trend (a mortality factor)
+VENTILATION_THRESHOLD = 0.6  # respiratory-failure facet + acuity + baseline above this: intubated
 
 # d_items rows (MIMIC-IV v2.2) of the items written: itemid, label, abbreviation, linksto, category,
 # unitname, param_type, lownormalvalue, highnormalvalue.
@@ -80,12 +82,24 @@ def softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(0.0, x)
 
 
+def excess(facet: np.ndarray, threshold: float = 0.5, sharpness: float = 1.5) -> np.ndarray:
+    """How far a severity lies above ``threshold``: a smooth ReLU, ~0 below it and ~facet - threshold above. A
+    disease moves a vital sign one way only (sepsis raises the temperature; its absence does not lower it), so the
+    variables' tails stay clinically plausible."""
+    return softplus(sharpness * (facet - threshold)) / sharpness
+
+
 @dataclass
 class Physiology:
-    """Vital signs and labs of any stay at any hour, from the latent state plus per-stay baselines."""
+    """Vital signs and labs of any stay at any hour, from the latent state plus per-stay baselines.
+
+    ``signal_strength`` multiplies every severity before it reaches a variable (1 = the default; see the README
+    for how strong each planted effect then is against the same summary on the real MIMIC-IV demo).
+    """
 
     cohort: Cohort
     rng: np.random.Generator
+    signal_strength: float = 1.0
     baseline: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,9 +112,9 @@ class Physiology:
         self.male = (self.cohort.subjects["gender"].to_numpy() == "M")[subject_row]
         self.age = admissions["age"].to_numpy()[self.admission]
         draw = self.rng.normal
-        self.baseline = {"hr": draw(0, 4, n), "sbp": draw(0, 6, n), "rr": draw(0, 1.5, n), "spo2": draw(0, 0.8, n),
-                         "temp": draw(0, 0.2, n), "glucose": draw(0, 6, n), "ph": draw(0, 0.01, n),
-                         "vent": draw(0, 0.3, n), "o2": draw(0, 0.4, n), "neuro": draw(0, 0.2, n),
+        self.baseline = {"hr": draw(0, 9, n), "sbp": draw(0, 9, n), "dbp": draw(0, 9, n), "rr": draw(0, 2.0, n), "spo2": draw(0, 1.0, n),
+                         "temp": draw(0, 0.22, n), "glucose": draw(0, 0.12, n), "ph": draw(0, 0.03, n),
+                         "vent": draw(0, 0.6, n), "o2": draw(0, 0.4, n), "neuro": draw(0, 0.5, n),
                          "weight": draw(0, 1, n), "height": draw(0, 1, n)}
         state = self.cohort.state
         shock = state.ehr_facet("ph_shock", self.admission, self.offset + 24.0)
@@ -112,7 +126,7 @@ class Physiology:
 
     def facet(self, label: str, stay: np.ndarray, hours: np.ndarray) -> np.ndarray:
         """EHR-visible severity of ``label`` for stay rows ``stay`` at ``hours`` after their intime."""
-        return self.state.ehr_facet(label, self.admission[stay], self.offset[stay] + hours)
+        return self.signal_strength * self.state.ehr_facet(label, self.admission[stay], self.offset[stay] + hours)
 
     def _acuity(self, stay: np.ndarray) -> np.ndarray:
         return self.state.acuity[self.admission[stay]]
@@ -123,103 +137,108 @@ class Physiology:
     def heart_rate(self, stay, hours):
         f = self.facet
         n = len(stay)
-        irregular = 14.0 * sigmoid(2.0 * (f("ph_cardiac_dysrhythmias", stay, hours) - 0.5))
-        conduction = f("ph_conduction_disorders", stay, hours)
-        dropped_beats = self.rng.random(n) < 0.4 * sigmoid(2.5 * (conduction - 0.7))
-        value = (84 + 5 * f("ph_shock", stay, hours) + 4 * f("ph_septicemia", stay, hours)
-                 + 4 * f("ph_chf", stay, hours) + 3 * f("ph_cardiac_dysrhythmias", stay, hours)
-                 + 14 * f("ph_acute_mi", stay, hours) + 5 * f("ph_gi_hemorrhage", stay, hours)
-                 - 7 * conduction - 25 * dropped_beats
-                 + 8 * self._acuity(stay) + self.baseline["hr"][stay] + self.noise(n, 5)
+        irregular = 12.0 * sigmoid(2.0 * (f("ph_cardiac_dysrhythmias", stay, hours) - 0.8))
+        conduction = excess(f("ph_conduction_disorders", stay, hours))
+        dropped_beats = self.rng.random(n) < 0.3 * sigmoid(2.5 * (conduction - 1.0))
+        value = (82 + 8 * excess(f("ph_shock", stay, hours)) + 7 * excess(f("ph_septicemia", stay, hours))
+                 + 5 * excess(f("ph_chf", stay, hours)) + 4 * excess(f("ph_cardiac_dysrhythmias", stay, hours))
+                 + 10 * excess(f("ph_acute_mi", stay, hours)) + 8 * excess(f("ph_gi_hemorrhage", stay, hours))
+                 - 9 * conduction - 12 * dropped_beats
+                 + 6 * self._acuity(stay) + self.baseline["hr"][stay] + self.noise(n, 5)
                  + irregular * self.rng.standard_normal(n))
-        return np.clip(value, 30, 220)
+        return np.clip(value, 38, 200)
 
     def systolic(self, stay, hours):
         f = self.facet
         adm = self.admission[stay]
         elapsed = np.clip(self.offset[stay] + hours, 0, 96) / 24.0
-        value = (121 - 14 * f("ph_shock", stay, hours) - 6 * f("ph_septicemia", stay, hours)
-                 + 13 * f("ph_chf", stay, hours) - 14 * f("ph_acute_mi", stay, hours)
-                 - 9 * f("ph_gi_hemorrhage", stay, hours)
-                 + 1.0 * self.state.total("ph_essential_hypertension", adm, self.offset[stay] + hours)
-                 + 0.15 * (self.age[stay] - 65) + 12 * self.state.bp_trend[adm] * elapsed
-                 + self.baseline["sbp"][stay] + self.noise(len(stay), 7))
-        return np.clip(value, 55, 230)
+        value = (123 - 9 * excess(f("ph_shock", stay, hours)) - 4 * excess(f("ph_septicemia", stay, hours))
+                 - 5 * excess(f("ph_chf", stay, hours)) - 6 * excess(f("ph_acute_mi", stay, hours))
+                 - 6 * excess(f("ph_gi_hemorrhage", stay, hours))
+                 + 12 * excess(self.signal_strength * self.state.total("ph_essential_hypertension", adm,
+                                                                      self.offset[stay] + hours))
+                 + 0.15 * (self.age[stay] - 65) + BP_TREND_MMHG_PER_DAY * self.state.bp_trend[adm] * elapsed
+                 + self.baseline["sbp"][stay] + self.noise(len(stay), 6))
+        return np.clip(value, 60, 220)
 
     def diastolic(self, stay, hours, systolic):
-        """Diastolic BP: half the systolic, lower in shock, relatively kept up in GI bleeding (narrow pulse
+        """Diastolic BP: under half the systolic, lower in shock, relatively kept up in GI bleeding (narrow pulse
         pressure)."""
         f = self.facet
-        value = (0.5 * systolic + 3 - 2 * f("ph_shock", stay, hours) + 4 * f("ph_gi_hemorrhage", stay, hours)
-                 + self.noise(len(stay), 4))
-        return np.clip(value, 25, 140)
+        value = (0.45 * systolic + 8 - 3 * excess(f("ph_shock", stay, hours))
+                 + 4 * excess(f("ph_gi_hemorrhage", stay, hours)) + self.baseline["dbp"][stay] + self.noise(len(stay), 6))
+        return np.clip(value, 25, 130)
 
     def ventilated(self, stay, hours):
-        level = self.facet("ph_respiratory_failure", stay, hours) + 0.3 * self._acuity(stay)
-        return level + self.baseline["vent"][stay] > 1.1
+        level = self.facet("ph_respiratory_failure", stay, hours) + 0.5 * self._acuity(stay)
+        return level + self.baseline["vent"][stay] > VENTILATION_THRESHOLD
 
     def on_oxygen(self, stay, hours):
         level = self.facet("ph_respiratory_failure", stay, hours) + 0.2 * self._acuity(stay)
         return self.ventilated(stay, hours) | (level + self.baseline["o2"][stay] > -0.1)
 
     def fio2_percent(self, stay, hours):
-        resp = self.facet("ph_respiratory_failure", stay, hours)
+        resp = excess(self.facet("ph_respiratory_failure", stay, hours), 0.3)
         vent = self.ventilated(stay, hours)
-        invasive = np.clip(np.round((40 + 15 * resp + self.noise(len(stay), 8)) / 5) * 5, 30, 100)
-        cannula = np.clip(np.round(28 + 6 * resp + self.noise(len(stay), 4)), 21, 60)
+        n = len(stay)
+        invasive = np.clip(np.round((35 + 12 * resp + self.noise(n, 7)) / 5) * 5, 30, 100)
+        invasive = np.where(self.rng.random(n) < 0.03, 100.0, invasive)  # pre-oxygenation, suctioning
+        cannula = np.clip(np.round(36 + 5 * resp + self.noise(n, 4)), 24, 60)
         return np.where(vent, invasive, cannula)
 
     def true_saturation(self, stay, hours):
-        resp = self.facet("ph_respiratory_failure", stay, hours)
-        value = (97.3 - 2.2 * resp + 1.0 * self.on_oxygen(stay, hours) + self.baseline["spo2"][stay]
-                 + self.noise(len(stay), 1.2))
-        return np.clip(value, 60, 100)
+        resp = excess(self.facet("ph_respiratory_failure", stay, hours), 0.3)
+        value = (97.0 - 2.6 * resp + 1.0 * self.on_oxygen(stay, hours) + self.baseline["spo2"][stay]
+                 + self.noise(len(stay), 1.3))
+        return np.clip(value, 70, 100)
 
     def pulse_oximetry(self, stay, hours):
         bias = np.zeros(len(stay))
         for group, points in PULSE_OXIMETRY_BIAS.items():
             bias[self.race_group[stay] == group] = points
-        return np.clip(self.true_saturation(stay, hours) + bias, 60, 100)
+        return np.clip(self.true_saturation(stay, hours) + bias, 70, 100)
 
     def respiratory_rate(self, stay, hours):
         f = self.facet
-        value = (17 + 3 * f("ph_respiratory_failure", stay, hours) + 1.5 * f("ph_septicemia", stay, hours)
-                 + 2.5 * np.maximum(0, f("ph_fluid_electrolyte", stay, hours)) + 4.0 * self._acuity(stay) + self.baseline["rr"][stay] + self.noise(len(stay), 2.5))
+        value = (18.5 + 3 * excess(f("ph_respiratory_failure", stay, hours)) + 2 * excess(f("ph_septicemia", stay, hours))
+                 + 3 * excess(f("ph_fluid_electrolyte", stay, hours)) + 2.5 * self._acuity(stay)
+                 + self.baseline["rr"][stay] + self.noise(len(stay), 3))
         return np.clip(value, 6, 45)
 
     def temperature_celsius(self, stay, hours):
-        value = (36.85 + 1.0 * self.facet("ph_septicemia", stay, hours) + 0.1 * self._acuity(stay)
-                 + self.baseline["temp"][stay] + self.noise(len(stay), 0.25))
+        f = self.facet
+        value = (36.8 + 0.9 * excess(f("ph_septicemia", stay, hours), 0.6) - 0.4 * excess(f("ph_shock", stay, hours), 1.2)
+                 + 0.05 * self._acuity(stay) + self.baseline["temp"][stay] + self.noise(len(stay), 0.25))
         return np.clip(value, 33.5, 41.5)
 
     def gcs(self, stay, hours):
         """(eye, verbal, motor) scores and whether the patient is intubated."""
         vent = self.ventilated(stay, hours)
-        neuro = (self.facet("ph_acute_cerebrovascular", stay, hours) + 0.8 * self._acuity(stay)
-                 + 0.6 * vent + self.baseline["neuro"][stay])
+        neuro = (1.2 * excess(self.facet("ph_acute_cerebrovascular", stay, hours), 0.3) + 0.5 * self._acuity(stay)
+                 + 0.9 * vent + self.baseline["neuro"][stay])
         n = len(stay)
-        eye = 4 - np.digitize(neuro + self.noise(n, 0.25), [0.5, 1.1, 1.7])
-        verbal = 5 - np.digitize(neuro + self.noise(n, 0.25), [0.3, 0.9, 1.4, 2.0])
-        motor = 6 - np.digitize(neuro + self.noise(n, 0.25), [0.7, 1.2, 1.6, 2.0, 2.4])
+        eye = 4 - np.digitize(neuro + self.noise(n, 0.3), [0.5, 1.1, 1.7])
+        verbal = 5 - np.digitize(neuro + self.noise(n, 0.3), [0.3, 0.9, 1.4, 2.0])
+        motor = 6 - np.digitize(neuro + self.noise(n, 0.3), [1.7, 2.1, 2.5, 2.9, 3.3])
         return eye, verbal, motor, vent
 
     def glucose(self, stay, hours):
         f = self.facet
-        value = (105 + 45 * softplus(f("ph_diabetes_uncomplicated", stay, hours))
-                 + 35 * softplus(f("ph_diabetes_complicated", stay, hours)) + 5 * self._acuity(stay))
-        value = value * np.exp(self.noise(len(stay), 0.12)) + self.baseline["glucose"][stay]
+        value = (105 + 45 * excess(f("ph_diabetes_uncomplicated", stay, hours), 1.0)
+                 + 70 * excess(f("ph_diabetes_complicated", stay, hours), 1.0) + 6 * self._acuity(stay))
+        value = value * np.exp(self.baseline["glucose"][stay] + self.noise(len(stay), 0.2))
         return np.clip(value, 40, 900)
 
     def ph(self, stay, hours):
         f = self.facet
-        value = (7.40 - 0.08 * f("ph_fluid_electrolyte", stay, hours)
-                 - 0.05 * np.maximum(0, f("ph_diabetes_complicated", stay, hours))
-                 - 0.04 * np.maximum(0, f("ph_shock", stay, hours)) + self.baseline["ph"][stay]
-                 + self.noise(len(stay), 0.02))
-        return np.clip(value, 6.9, 7.7)
+        value = (7.40 - 0.07 * excess(f("ph_fluid_electrolyte", stay, hours), 0.3)
+                 - 0.06 * excess(f("ph_diabetes_complicated", stay, hours), 0.8)
+                 - 0.05 * excess(f("ph_shock", stay, hours)) + self.baseline["ph"][stay]
+                 + self.noise(len(stay), 0.03))
+        return np.clip(value, 6.9, 7.65)
 
     def weight_kg(self, stay):
-        return np.clip(np.where(self.male[stay], 84, 72) + 16 * self.baseline["weight"][stay], 38, 200)
+        return np.clip(np.where(self.male[stay], 82, 70) * np.exp(0.24 * self.baseline["weight"][stay]), 35, 250)
 
     def height_cm(self, stay):
         return np.clip(np.where(self.male[stay], 176, 162) + 7 * self.baseline["height"][stay], 140, 205)
@@ -280,14 +299,14 @@ def chart_blocks(physiology: Physiology, rng: np.random.Generator) -> list[Event
     blocks: list[EventBlock] = []
 
     # Vitals: about hourly, with one gap of a few hours in many stays and some missed readings.
-    stay, hours = schedule(rng, window, rng.uniform(1.0, 1.6, n), rng.uniform(0.02, 0.5, n))
+    stay, hours = schedule(rng, window, rng.uniform(0.9, 1.05, n), rng.uniform(0.02, 0.5, n))
     gap_start = rng.uniform(0, window)
-    gap_length = np.where(rng.random(n) < 0.6, rng.uniform(2, 6, n), 0.0)
+    gap_length = np.where(rng.random(n) < 0.2, rng.uniform(1.5, 4, n), 0.0)
     in_gap = (hours >= gap_start[stay]) & (hours < gap_start[stay] + gap_length[stay])
     stay, hours = stay[~in_gap], hours[~in_gap]
     blocks.append(_outliers(rng, _numeric(stay, hours, 220045, physiology.heart_rate(stay, hours), 0),
                             2e-4, [0.0, 999.0]))
-    bp = rng.random(len(stay)) < 0.93
+    bp = rng.random(len(stay)) < 0.985
     s, h = stay[bp], hours[bp]
     systolic = physiology.systolic(s, h)
     diastolic = physiology.diastolic(s, h, systolic)
@@ -297,9 +316,9 @@ def chart_blocks(physiology: Physiology, rng: np.random.Generator) -> list[Event
                                           (mean, 220052, 220181)):
         blocks.append(_numeric(s[arterial], h[arterial], invasive, values[arterial], 0))
         blocks.append(_numeric(s[~arterial], h[~arterial], noninvasive, values[~arterial], 0))
-    rr = rng.random(len(stay)) < 0.95
+    rr = rng.random(len(stay)) < 0.99
     blocks.append(_numeric(stay[rr], hours[rr], 220210, physiology.respiratory_rate(stay[rr], hours[rr]), 0))
-    ox = rng.random(len(stay)) < 0.93
+    ox = rng.random(len(stay)) < 0.985
     blocks.append(_numeric(stay[ox], hours[ox], 220277, physiology.pulse_oximetry(stay[ox], hours[ox]), 0))
 
     # Temperature every ~4 h, mostly Fahrenheit; a few absurd entries.

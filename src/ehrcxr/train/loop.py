@@ -43,6 +43,8 @@ from ehrcxr.train.augment import augment_images, check_augment
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auprc", "val_auroc", "lr", "seconds"]
 OPTIMISERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 SELECTION_METRICS = ("val_auprc", "val_auroc")
+FEATURE_PROBE_ROWS = 16  # rows recomputed to check a stored feature file against the model's encoder ...
+FEATURE_PROBE_TOLERANCE = 1e-2  # ... within this fraction of their largest magnitude
 
 
 @dataclass
@@ -204,11 +206,60 @@ def predict(model: nn.Module, stay_set: StaySet, batch_size: int = 256, device: 
     return probabilities
 
 
+def prefix_features(prefix: nn.Module, images: np.ndarray, rows: np.ndarray, device: torch.device,
+                    batch_size: int, pool: bool = False) -> torch.Tensor:
+    """Features of a frozen CXR prefix (eval mode, fp32, on the CPU) for the cache ``rows`` of ``images``; with
+    ``pool`` globally average-pooled to (N, C, 1, 1), which is all a fully frozen backbone's suffix then does."""
+    prefix.eval()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, rows.size, batch_size):
+            batch = normalise_images(images[rows[start:start + batch_size]]).to(device)
+            if device.type == "cuda":
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            features = prefix(batch).float()
+            if pool:
+                features = F.adaptive_avg_pool2d(features, 1)
+            chunks.append(features.contiguous().cpu())
+    return torch.cat(chunks)
+
+
+def pooled_cxr_features(prefix: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 256
+                        ) -> np.ndarray:
+    """(N, C) float32 pooled features of a fully frozen backbone for every row of the image cache (the file
+    rule ``cxr_features`` writes once per seed and ResNet depth, read by ``precompute_cxr_features``)."""
+    rows = np.arange(images.shape[0])
+    features = prefix_features(prefix, images, rows, device, batch_size, pool=True)
+    return features.flatten(1).numpy()
+
+
+def _stored_pooled_features(prefix: nn.Module, channels: int, data: CellData, rows: np.ndarray, path: str | Path,
+                            device: torch.device) -> torch.Tensor:
+    """The pooled features of ``rows`` from a ``cxr_features`` file, checked against the model's own prefix on
+    the first rows (a file written with another encoder or image cache is an error, not a silent swap)."""
+    stored = np.load(path, mmap_mode="r")
+    if stored.ndim != 2 or stored.shape[0] != data.images.shape[0] or stored.shape[1] != channels:
+        raise ValueError(f"{path}: CXR features of shape {stored.shape} do not fit the image cache "
+                         f"({data.images.shape[0]} images) and this encoder ({channels} features); rerun cxr_features")
+    features = torch.from_numpy(np.ascontiguousarray(stored[rows], dtype=np.float32))
+    features = features.view(rows.size, channels, 1, 1)
+    probe = rows[:FEATURE_PROBE_ROWS]
+    own = prefix_features(prefix, data.images, probe, device, probe.size, pool=True)
+    worst, scale = float((own - features[:probe.size]).abs().max()), float(own.abs().max())
+    if worst > FEATURE_PROBE_TOLERANCE * scale + 1e-6:  # relative: TF32 convolutions on a GPU differ by ~1e-3
+        raise ValueError(f"{path}: stored CXR features differ from this model's frozen encoder (max |diff| {worst:.3g} "
+                         f"on the first {probe.size} rows): written with another encoder or image cache; rerun "
+                         f"cxr_features")
+    return features
+
+
 def precompute_cxr_features(model: nn.Module, data: CellData, device: torch.device, batch_size: int,
-                            log: logging.Logger) -> float:
-    """If ``model`` has a frozen CXR prefix, run it once (fp32) over the cache rows the cell needs and make
-    every StaySet serve those features; returns the seconds taken (0 when nothing was done)."""
-    from ehrcxr.models.encoders import frozen_cxr_prefix
+                            log: logging.Logger, features_path: str | Path | None = None) -> float:
+    """If ``model`` has a frozen CXR prefix, make every StaySet serve its features for the cache rows the cell
+    needs instead of images, and return the seconds taken (0 when nothing was done). With every ResNet stage
+    frozen and a ``features_path`` (the pooled features ``cxr_features`` wrote once for the pretrained encoder),
+    they are read from that file; otherwise the prefix runs once here (fp32)."""
+    from ehrcxr.models.encoders import CXRBackbone, frozen_cxr_prefix
 
     prefix = frozen_cxr_prefix(model)
     if prefix is None or data.images is None:
@@ -217,26 +268,24 @@ def precompute_cxr_features(model: nn.Module, data: CellData, device: torch.devi
     if rows.size == 0:
         return 0.0
     started = time.perf_counter()
-    prefix.eval()
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, rows.size, batch_size):
-            images = normalise_images(data.images[rows[start:start + batch_size]]).to(device)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            chunks.append(prefix(images).float().contiguous().cpu())
-    features = torch.cat(chunks)
+    backbones = [module for module in model.modules() if isinstance(module, CXRBackbone)]
+    if features_path and all(backbone.frozen_stages == 4 for backbone in backbones):
+        features = _stored_pooled_features(prefix, backbones[0].out_dim, data, rows, features_path, device)
+        source = f"read from {features_path}"
+    else:
+        features = prefix_features(prefix, data.images, rows, device, batch_size)
+        source = "computed"
     for stay_set in data.splits.values():
         stay_set.use_cxr_features(features, rows)
     seconds = time.perf_counter() - started
-    log.info("frozen CXR prefix: %d images -> features %s in %.1f s", rows.size, tuple(features.shape[1:]),
-             seconds)
+    log.info("frozen CXR prefix: %d images -> features %s %s in %.1f s", rows.size, tuple(features.shape[1:]),
+             source, seconds)
     return seconds
 
 
 def _augmentation(model: nn.Module, data: CellData, augment: dict | None, log: logging.Logger) -> dict | None:
     """The augmentation settings to apply in training: None without images, without settings, or when every
-    ResNet stage of the model is frozen (its features are then computed once per cell, see
+    ResNet stage of the model is frozen (its features are then computed once, per seed or per cell, see
     ``precompute_cxr_features``, and augmenting would mean running the whole network on every batch)."""
     from ehrcxr.models.encoders import CXRBackbone
 
@@ -245,7 +294,7 @@ def _augmentation(model: nn.Module, data: CellData, augment: dict | None, log: l
     if augment is None or data.images is None or not backbones:
         return None
     if all(backbone.frozen_stages == 4 for backbone in backbones):
-        log.info("X-ray augmentation off: frozen_stages 4 serves features precomputed once per cell")
+        log.info("X-ray augmentation off: frozen_stages 4 serves precomputed features")
         return None
     return augment
 
@@ -452,7 +501,8 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
     if resolved.type == "cuda":
         model.to(memory_format=torch.channels_last)
     augment = _augmentation(model, data, augment, log)
-    prefix_seconds = 0.0 if augment else precompute_cxr_features(model, data, resolved, max(batch_size, 256), log)
+    prefix_seconds = 0.0 if augment else precompute_cxr_features(model, data, resolved, max(batch_size, 256), log,
+                                                                 (inputs or {}).get("cxr_features"))
     selection_metric, val_labels_with_both_classes = selection_criterion(data, log, selection)
     _call_hook(model, "on_fit_start", data, dict(inputs or {}))
 

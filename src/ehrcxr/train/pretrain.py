@@ -1,5 +1,6 @@
 """Pretraining stages: the CXR encoder on the 14 CheXpert labels of train-split subjects' cached frontal images,
-and a model's own EHR encoder on its task's EHR alone (MedFuse's first stage)."""
+its pooled features of every cached image (computed once for all cells that keep it frozen), and a model's own
+EHR encoder on its task's EHR alone (MedFuse's first stage)."""
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,8 @@ from ehrcxr.models.encoders import CXRBackbone
 from ehrcxr.resources import CHEXPERT_LABELS
 from ehrcxr.train.augment import augment_images
 from ehrcxr.train.loop import (
-    autocast, configure_device, fit, fit_options, macro_scores, resolve_device, seed_everything, training_key,
-    write_atomic,
+    autocast, configure_device, fit, fit_options, macro_scores, pooled_cxr_features, resolve_device, seed_everything,
+    training_key, write_atomic,
 )
 
 log = logging.getLogger("ehrcxr.pretrain")
@@ -154,6 +155,32 @@ def pretrain_cxr(cxr_studies_path: str | Path, stays_path: str | Path, cxr_image
         history_path, index=False)
     return {"best_epoch": best_epoch, "best_val_auroc": best_score if math.isfinite(best_score) else float("nan"),
             "n_train": int(train_rows.size), "n_val": int(val_rows.size)}
+
+
+def cxr_features(encoder_path: str | Path, cxr_images_path: str | Path, out_path: str | Path, *, depth: int,
+                 device: str = "auto", threads: int = 1, batch_size: int = 256) -> int:
+    """Write the pretrained ResNet-``depth`` encoder's globally pooled features of every cached image as an (N, C)
+    float32 ``.npy`` (row i = cache row i): what a cell whose encoder is wholly frozen (frozen_stages 4) feeds its
+    layers, so each image passes the encoder once per seed instead of once per cell. Returns N."""
+    resolved = resolve_device(device)
+    configure_device(resolved, threads)
+    started = time.perf_counter()
+    backbone = CXRBackbone(depth=depth, weights=None, frozen_stages=4)
+    backbone.load_pretrained(encoder_path)
+    backbone.to(resolved)
+    images = np.load(cxr_images_path, mmap_mode="r")
+    features = pooled_cxr_features(backbone.prefix, images, resolved, batch_size)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(path: Path) -> None:
+        with open(path, "wb") as handle:  # a handle: np.save would append .npy to the temporary name
+            np.save(handle, features)
+
+    write_atomic(out_path, save)
+    log.info("pooled features %s of %d cached images from %s in %.1f s", features.shape[1:], features.shape[0],
+             encoder_path, time.perf_counter() - started)
+    return int(features.shape[0])
 
 
 class EHRPretrainClassifier(nn.Module):
