@@ -253,13 +253,25 @@ def _stored_pooled_features(prefix: nn.Module, channels: int, data: CellData, ro
     return features
 
 
+def _cxr_backbones(model: nn.Module) -> list[nn.Module]:
+    from ehrcxr.models.encoders import CXRBackbone
+
+    return [module for module in model.modules() if isinstance(module, CXRBackbone)]
+
+
+def _wholly_frozen(model: nn.Module) -> bool:
+    """Whether the model has CXR backbones and keeps every ResNet stage of each frozen (frozen_stages 4)."""
+    backbones = _cxr_backbones(model)
+    return bool(backbones) and all(backbone.frozen_stages == 4 for backbone in backbones)
+
+
 def precompute_cxr_features(model: nn.Module, data: CellData, device: torch.device, batch_size: int,
                             log: logging.Logger, features_path: str | Path | None = None) -> float:
     """If ``model`` has a frozen CXR prefix, make every StaySet serve its features for the cache rows the cell
     needs instead of images, and return the seconds taken (0 when nothing was done). With every ResNet stage
     frozen and a ``features_path`` (the pooled features ``cxr_features`` wrote once for the pretrained encoder),
     they are read from that file; otherwise the prefix runs once here (fp32)."""
-    from ehrcxr.models.encoders import CXRBackbone, frozen_cxr_prefix
+    from ehrcxr.models.encoders import frozen_cxr_prefix
 
     prefix = frozen_cxr_prefix(model)
     if prefix is None or data.images is None:
@@ -268,9 +280,8 @@ def precompute_cxr_features(model: nn.Module, data: CellData, device: torch.devi
     if rows.size == 0:
         return 0.0
     started = time.perf_counter()
-    backbones = [module for module in model.modules() if isinstance(module, CXRBackbone)]
-    if features_path and all(backbone.frozen_stages == 4 for backbone in backbones):
-        features = _stored_pooled_features(prefix, backbones[0].out_dim, data, rows, features_path, device)
+    if features_path and _wholly_frozen(model):
+        features = _stored_pooled_features(prefix, _cxr_backbones(model)[0].out_dim, data, rows, features_path, device)
         source = f"read from {features_path}"
     else:
         features = prefix_features(prefix, data.images, rows, device, batch_size)
@@ -287,13 +298,10 @@ def _augmentation(model: nn.Module, data: CellData, augment: dict | None, log: l
     """The augmentation settings to apply in training: None without images, without settings, or when every
     ResNet stage of the model is frozen (its features are then computed once, per seed or per cell, see
     ``precompute_cxr_features``, and augmenting would mean running the whole network on every batch)."""
-    from ehrcxr.models.encoders import CXRBackbone
-
     augment = check_augment(augment)
-    backbones = [module for module in model.modules() if isinstance(module, CXRBackbone)]
-    if augment is None or data.images is None or not backbones:
+    if augment is None or data.images is None or not _cxr_backbones(model):
         return None
-    if all(backbone.frozen_stages == 4 for backbone in backbones):
+    if _wholly_frozen(model):
         log.info("X-ray augmentation off: frozen_stages 4 serves precomputed features")
         return None
     return augment
