@@ -13,9 +13,11 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install --upgrade-strategy only-if-needed -r requirements.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
-demo: install  ## synthetic data -> cohort -> tensors -> every grid cell -> tables
+demo: install  ## synthetic data -> cohort -> tensors -> every grid cell -> tables, analyses, report
 	$(VENV)/bin/snakemake --cores $(CORES)
+	$(VENV)/bin/snakemake --report results/synthetic/report.html
 	@echo; cat results/synthetic/tables/main_results.md
+	@echo; echo "Report (every table and figure): results/synthetic/report.html"
 
 test: install  ## unit tests + a tiny end-to-end workflow run
 	$(VENV)/bin/python -m pytest -q

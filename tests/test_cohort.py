@@ -12,6 +12,7 @@ import yaml
 from ehrcxr.data import raw
 from ehrcxr.data.cohort import (CXR_STUDY_DTYPES, EmptyCohortError, assign_splits, build_cohort, race_group,
                                 run_cohort, write_cohort)
+from ehrcxr.data.tasks import LOS_LABELS
 from ehrcxr.resources import CHEXPERT_LABELS, phenotype_labels
 from tiny_mimic import mimic_cxr_tables, mimic_iv_tables, mimic_iv_tables_as, write_tables, write_tiny_mimic
 
@@ -59,11 +60,14 @@ def test_column_contract_and_dtypes(cohort) -> None:
     assert list(stays.columns) == (
         ["subject_id", "hadm_id", "stay_id", "intime", "outtime", "admittime", "dischtime", "los_hours", "age",
          "gender", "race", "insurance", "admission_type", "mortality", "in_mortality_task"]
-        + phenotype_labels() + ["split", "cxr_dicom_id", "cxr_study_id", "cxr_hours"])
+        + phenotype_labels() + LOS_LABELS + ["split", "cxr_dicom_id", "cxr_study_id", "cxr_hours"])
     dtypes = stays.dtypes.astype(str)
     assert {dtypes[c] for c in ["subject_id", "hadm_id", "stay_id", "age"]} == {"int64"}
     assert {dtypes[c] for c in ["intime", "outtime", "admittime", "dischtime"]} == {"datetime64[ns]"}
-    assert {dtypes[c] for c in ["mortality", *phenotype_labels()]} == {"int8"}
+    assert {dtypes[c] for c in ["mortality", *phenotype_labels(), *LOS_LABELS]} == {"int8"}
+    # one length-of-stay class per stay of at least 2 days, none for shorter stays
+    classes = stays[LOS_LABELS].sum(axis=1)
+    assert (classes == (stays["los_hours"] >= 48).astype(int)).all()
     assert (dtypes["in_mortality_task"], dtypes["cxr_study_id"], dtypes["cxr_hours"]) == ("bool", "Int64", "float64")
     assert list(cxr_studies.columns) == list(CXR_STUDY_DTYPES)
     assert cxr_studies.dtypes.astype(str).to_dict() == {c: str(np.dtype(d)) for c, d in CXR_STUDY_DTYPES.items()}

@@ -393,14 +393,25 @@ def test_whole_demo_grid_trains_ehr_only_models_without_image_stages(workdir):
     assert dry.returncode == 0, dry.stderr[-3000:]
     jobs = {line.split()[0]: int(line.split()[1]) for line in dry.stdout.splitlines()
             if len(line.split()) == 2 and line.split()[1].isdigit()}
-    models = demo_config()["models"]
-    assert jobs == {"train": 2 * len(models), "aggregate": 1, "all": 1, "total": 2 * len(models) + 2}, dry.stdout
+    models, tasks = demo_config()["models"], demo_config()["tasks"]
+    analyses = {"ranking": 1, "calibration": 1, "fairness": 1}  # those that need no X-ray
+    assert jobs == {"train": len(tasks) * len(models), "aggregate": 1, "all": 1, **analyses,
+                    "total": len(tasks) * len(models) + 2 + len(analyses)}, dry.stdout
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     table = pd.read_csv(workdir / RESULTS / "tables" / "main_results.csv")
     assert set(table["model"]) == set(models) and set(table["missing"]) == {"natural"}
-    assert set(table["task"]) == {"phenotyping", "mortality"}
+    assert set(table["task"]) == {"phenotyping", "mortality", "length_of_stay"}
+    assert {"accuracy", "macro_f1", "kappa_linear"} <= set(table.loc[table["task"] == "length_of_stay", "metric"])
     assert not (workdir / RESULTS / "cxr").exists() and not (workdir / RESULTS / "pretrain").exists()
+    for name in ("ranking", "calibration", "fairness_groups", "fairness_gaps"):
+        assert (workdir / RESULTS / "tables" / f"{name}.md").is_file(), name
+    assert not (workdir / RESULTS / "tables" / "fusion_gain.csv").exists()  # needs X-rays: skipped
+    report = subprocess.run([*command, "--report", "report.html"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "skipped without X-ray data: fusion_gain, modality_imbalance, robustness, xray_age" in (
+        workdir / "report.html").read_text()
 
 
 @needs_demo

@@ -33,6 +33,7 @@ TABLES = Path("results/synthetic/tables")
 MODELS = ("ehr_lstm", "late_fusion", "cxr_resnet", "medfuse")
 CXR_MODELS = {"late_fusion", "cxr_resnet", "medfuse"}
 CELLS = {model: f"mortality/{model}/natural/seed1" for model in MODELS}
+ANALYSIS_RULES = ("fusion_gain", "modality_imbalance", "robustness", "xray_age", "ranking", "calibration", "fairness")
 
 
 def rerun_config() -> dict:
@@ -66,14 +67,24 @@ def dry_run(workdir: Path, config: dict, *targets: str) -> str:
     return output
 
 
-def planned(workdir: Path, config: dict, *targets: str) -> tuple[dict[str, int], set[str]]:
-    """Dry run: the number of jobs per rule, and the cells (task/model/missing/seedN) that would be trained."""
+def planned_jobs(workdir: Path, config: dict, *targets: str) -> tuple[dict[str, int], str]:
+    """Dry run: the number of jobs per rule (analyses included), and the dry run's output."""
     output = dry_run(workdir, config, *targets)
     if "Nothing to be done" in output:
-        return {}, set()
+        return {}, output
     stats = output[output.index("Job stats:"):]
     stats = stats[:stats.index("\ntotal")]
-    jobs = {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)\s*$", stats, re.MULTILINE)}
+    return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)\s*$", stats, re.MULTILINE)}, output
+
+
+def planned(workdir: Path, config: dict, *targets: str) -> tuple[dict[str, int], set[str]]:
+    """Dry run: the number of jobs per rule, and the cells (task/model/missing/seedN) that would be trained. The
+    analyses read every cell and the evaluate: settings, so for the default target they follow every retrained
+    cell and every evaluate: change (checked here, then left out of the returned jobs)."""
+    jobs, output = planned_jobs(workdir, config, *targets)
+    analyses = {rule: jobs.pop(rule) for rule in ANALYSIS_RULES if rule in jobs}
+    if not targets and ("train" in jobs or "aggregate" in jobs):  # the default target: the whole grid
+        assert analyses == {rule: 1 for rule in ANALYSIS_RULES}, analyses
     cells = set(re.findall(r"^\s*output: \S*runs/([^/\s]+/[^/\s]+/[^/\s]+/seed\d+)/metrics\.json", output,
                            re.MULTILINE))
     return jobs, cells
@@ -108,6 +119,12 @@ def test_evaluation_setting_reruns_only_the_aggregation(workdir):
     config = rerun_config()
     config["evaluate"]["n_bootstrap"] = 30
     assert planned(workdir, config) == ({"aggregate": 1, "all": 1}, set())
+
+
+def test_analysis_setting_reruns_only_the_analyses(workdir):
+    config = rerun_config()
+    config["analysis"]["fairness_min_stays"] = 11
+    assert planned_jobs(workdir, config)[0] == {rule: 1 for rule in ANALYSIS_RULES} | {"all": 1}
 
 
 def test_training_setting_reruns_every_cell_and_ehr_pretraining_but_no_data_stage(workdir):

@@ -352,9 +352,18 @@ def test_run_cell_outputs_and_determinism(tmp_path):
     assert first == json.loads((tmp_path / "b" / "metrics.json").read_text())
 
     predictions = pd.read_parquet(tmp_path / "a" / "predictions.parquet")
-    assert predictions.columns.tolist() == ["stay_id", "eval_set", "has_cxr", "y_mortality", "p_mortality"]
-    assert predictions["p_mortality"].between(0, 1).all()
+    assert predictions.columns.tolist() == ["stay_id", "eval_set", "has_cxr", "y_mortality", "p_mortality",
+                                            "p_nocxr_mortality", "p_noehr_mortality"]
+    assert predictions[["p_mortality", "p_nocxr_mortality", "p_noehr_mortality"]].stack().between(0, 1).all()
     plan = stay_plan()
+    val = plan[plan["in_mortality_task"] & (plan["split"] == "val")]
+    assert predictions.loc[predictions["eval_set"] == "val", "stay_id"].tolist() == val["stay_id"].tolist()
+    # withholding the X-ray of a stay that has none changes nothing; withholding an X-ray or the EHR changes scores
+    without = predictions[(predictions["eval_set"] == "partial_test") & (predictions["has_cxr"] == 0)]
+    np.testing.assert_array_equal(without["p_nocxr_mortality"], without["p_mortality"])
+    with_cxr = predictions[predictions["has_cxr"] == 1]
+    assert (with_cxr["p_nocxr_mortality"] != with_cxr["p_mortality"]).all()
+    assert (predictions["p_noehr_mortality"] != predictions["p_mortality"]).mean() > 0.9
     test = plan[plan["in_mortality_task"] & (plan["split"] == "test")]
     paired = predictions[predictions["eval_set"] == "paired_test"]
     assert paired["stay_id"].tolist() == test.loc[test["usable"], "stay_id"].tolist()

@@ -28,6 +28,8 @@ def tiny_config() -> dict:
     config["train"].update(epochs=2, patience=1)
     config["missing"] = ["natural", "miss0.0", "miss0.5"]
     config["evaluate"].update(n_bootstrap=50)
+    # mortality shares its stays and EHR tensor with length of stay; the rerun, SLURM and MIMIC-demo tests run it
+    config["tasks"] = ["phenotyping", "length_of_stay"]
     return config
 
 
@@ -102,7 +104,7 @@ def test_declared_pretrained_parts_drive_the_dag(tmp_path):
     jobs, _ = dry_run(tmp_path, config)
     assert "cxr_features" not in jobs  # frozen_stages 3 everywhere: each cell runs its frozen stages itself
     assert {path for path in outputs if path.endswith(".pt") and "/pretrain/" in path} == {
-        f"{results}/pretrain/seed1/cxr_resnet18.pt", f"{results}/pretrain/seed1/ehr/mortality/medfuse.pt",
+        f"{results}/pretrain/seed1/cxr_resnet18.pt", f"{results}/pretrain/seed1/ehr/length_of_stay/medfuse.pt",
         f"{results}/pretrain/seed1/ehr/phenotyping/medfuse.pt"}
 
 
@@ -113,10 +115,13 @@ def test_default_config_trains_ehr_only_models_at_the_first_miss_rate_only(tmp_p
     ehr_only = {"ehr_lstm", "ehr_transformer"}
     assert {name for name, entry in config["models"].items() if entry["modalities"] == ["ehr"]} == ehr_only
     assert config["missing"] == ["natural", "miss0.0", "miss0.5"]
-    # the 4 CXR models at all 3 settings, the 2 EHR-only ones at natural and miss0.0 (not miss0.5), for 2 tasks
-    expected = {(task, model, missing) for task in ("phenotyping", "mortality") for model in config["models"]
+    # the 4 CXR models at all 3 settings, the 2 EHR-only ones at natural and miss0.0 (not miss0.5), for 3 tasks
+    assert config["tasks"] == ["phenotyping", "mortality", "length_of_stay"]
+    expected = {(task, model, missing) for task in config["tasks"] for model in config["models"]
                 for missing in config["missing"] if not (model in ehr_only and missing == "miss0.5")}
-    assert cells == expected and jobs["train"] == 2 * (4 * 3 + 2 * 2) == 32
+    assert cells == expected and jobs["train"] == 3 * (4 * 3 + 2 * 2) == 48
+    # length of stay reads mortality's EHR tensor: two tensors for three tasks
+    assert jobs["ehr_tensor"] == 2
 
 
 def test_lint_is_clean(workdir):
@@ -174,16 +179,19 @@ def test_whole_grid_runs_to_the_tables(workdir):
         assert (row.estimate, row.ci_low, row.ci_high, row.n_seeds) == pytest.approx(
             (source["estimate"], source["ci_low"], source["ci_high"], 1), nan_ok=True)
     markdown = (workdir / "results/synthetic/tables/main_results.md").read_text()
-    assert "mortality/ehr_lstm: 1 run(s) at miss0.0 also give miss0.5" in markdown
+    assert "length_of_stay/ehr_lstm: 1 run(s) at miss0.0 also give miss0.5" in markdown
     assert "EHR item map `corrected`: blood glucose and blood pH only." in markdown  # the config's ehr.itemid_map
     # per-seed pretraining: the seed's CXR encoder and medfuse's EHR encoder of each task
     pretrain = workdir / "results/synthetic/pretrain/seed1"
-    for path in ("cxr_resnet18.pt", "cxr_resnet18_history.csv", "ehr/mortality/medfuse.pt",
+    for path in ("cxr_resnet18.pt", "cxr_resnet18_history.csv", "ehr/length_of_stay/medfuse.pt",
                  "ehr/phenotyping/medfuse/history.csv", "cxr_resnet18_features.npy"):
         assert (pretrain / path).is_file(), path
-    assert "read from" in (workdir / "logs/synthetic/train/mortality/late_fusion/natural/seed1.log").read_text()
+    assert "read from" in (workdir / "logs/synthetic/train/length_of_stay/late_fusion/natural/seed1.log").read_text()
     assert set(macro["eval_set"]) == {"paired_test", "partial_test"}
-    assert set(table.loc[table["model"] == "oracle", "task"]) == set(config["tasks"])
+    # the generator's oracle holds true probabilities of the binary labels, not of the length-of-stay classes
+    assert set(table.loc[table["model"] == "oracle", "task"]) == {"phenotyping"}
+    los = table[(table["task"] == "length_of_stay") & (table["eval_set"] == "partial_test")]
+    assert {"accuracy", "macro_f1", "kappa_linear", "auroc", "auprc"} <= set(los["metric"])
     # percentile intervals need not contain the estimate (AUPRC is biased upward under resampling)
     assert ((0 <= macro["ci_low"]) & (macro["ci_low"] <= macro["ci_high"]) & (macro["ci_high"] <= 1)).all()
     assert macro["estimate"].between(0, 1).all()
@@ -198,11 +206,29 @@ def test_whole_grid_runs_to_the_tables(workdir):
     # snakemake benchmark files stay with the dataset's results, out of the repository's benchmarks/ scripts
     assert (workdir / "results/synthetic/benchmarks/train/phenotyping/drfuse/miss0.5/seed1.tsv").is_file()
     assert (workdir / "results/synthetic/benchmarks/aggregate.tsv").is_file() and not (workdir / "benchmarks").exists()
+    # every analysis wrote its tables (CSV, Markdown, LaTeX) and figures (PNG, SVG), aggregates only
+    tables, figures = workdir / "results/synthetic/tables", workdir / "results/synthetic/figures"
+    for name in ("fusion_gain", "modality_imbalance", "robustness_train", "robustness_test_summary", "xray_age",
+                 "ranking", "calibration", "fairness_groups", "fairness_gaps", "fairness_fusion_effect"):
+        for suffix in (".csv", ".md", ".tex"):
+            assert (tables / f"{name}{suffix}").stat().st_size > 0, name + suffix
+        assert "stay_id" not in pd.read_csv(tables / f"{name}.csv").columns
+    for name in ("fusion_gain", "modality_imbalance", "robustness_train", "robustness_test", "xray_age", "ranking_cd",
+                 "reliability", "fairness_gaps"):
+        for suffix in (".png", ".svg"):
+            assert (figures / f"{name}{suffix}").stat().st_size > 0, name + suffix
+    gain = pd.read_csv(tables / "fusion_gain.csv")
+    assert set(gain["model"]) == {"late_fusion", "medfuse", "drfuse"}  # the fusion models, each against references
+    assert set(gain["reference"]) == {"best_unimodal", "best_ehr_only"}
+    # the report renders every table and figure
+    report = snakemake(workdir, "--report", "report.html")
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (workdir / "report.html").stat().st_size > 100_000
     # nothing left to do afterwards
     again = snakemake(workdir, "--dry-run", "--quiet")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
     # the command the aggregation prints for outdated runs retrains exactly those, then the tables
-    outdated = ["results/synthetic/runs/mortality/ehr_lstm/natural/seed1",
+    outdated = ["results/synthetic/runs/length_of_stay/ehr_lstm/natural/seed1",
                 "results/synthetic/runs/phenotyping/drfuse/miss0.5/seed1"]
     command = shlex.split(rerun_command(outdated))
     assert command[0] == "snakemake"
@@ -212,5 +238,6 @@ def test_whole_grid_runs_to_the_tables(workdir):
     stats = output[output.index("Job stats:"):]
     stats = stats[:stats.index("\ntotal")]
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", stats, re.MULTILINE))
-    assert jobs == {"train": "2", "aggregate": "1", "all": "1"}
+    analyses = ["fusion_gain", "modality_imbalance", "robustness", "xray_age", "ranking", "calibration", "fairness"]
+    assert jobs == {"train": "2", "aggregate": "1", "all": "1", **{name: "1" for name in analyses}}
     assert sorted(re.findall(r"^\s*output: (\S*runs/\S+)/metrics\.json", output, re.MULTILINE)) == outdated

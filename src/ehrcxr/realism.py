@@ -302,12 +302,12 @@ def build_outputs(mimic_iv: str | Path, mimic_cxr: str | Path | None, out: str |
     each call (a timer, for example). Returns ``out``."""
     from ehrcxr.data.cohort import run_cohort
     from ehrcxr.data.ehr import run_ehr_tensor
-    from ehrcxr.data.tasks import TASKS
+    from ehrcxr.data.tasks import TASKS, tensor_task
 
     out = Path(out)
     step("cohort", run_cohort, mimic_iv, mimic_cxr, out / "cohort" / "stays.parquet",
          out / "cohort" / "cxr_studies.parquet", config["cohort"])
-    for task in TASKS:
+    for task in sorted({tensor_task(task) for task in TASKS}):
         step(f"ehr tensor ({task})", run_ehr_tensor, mimic_iv, out / "cohort" / "stays.parquet", task,
              out / "ehr" / f"{task}.nc", hours=config["ehr"]["hours"],
              itemid_map=config["ehr"].get("itemid_map", "corrected"), threads=2)

@@ -11,6 +11,7 @@ SRC = str(Path(workflow.basedir).parent / "src")
 os.environ.update(PYTHONPATH=SRC)
 sys.path.insert(0, SRC)
 
+from ehrcxr.data.tasks import tensor_task
 from ehrcxr.settings import model_settings
 
 # Every model's resolved settings (modalities, pretrained, params, train, cxr), checked once when the DAG is built.
@@ -49,7 +50,7 @@ HAS_CXR = MIMIC_CXR is not None
 
 wildcard_constraints:
     dataset=DATASET,
-    task="|".join(config["tasks"]),
+    task="|".join(sorted(set(config["tasks"]) | {tensor_task(task) for task in config["tasks"]})),
     model="|".join(config["models"]),
     missing=r"natural|miss[0-9.]+",
     seed=r"[0-9]+",
@@ -102,7 +103,71 @@ def grid_runs():
 
 
 def final_outputs():
-    return [f"{RESULTS}/tables/main_results.csv", f"{RESULTS}/tables/main_results.md"]
+    return [f"{RESULTS}/tables/main_results.csv", f"{RESULTS}/tables/main_results.md"] + analysis_outputs()
+
+
+# The report's analyses: rule name -> (tables, figures) it writes under tables/ and figures/ (rules/analysis.smk).
+# Those that compare an X-ray with its absence need X-ray data; without it they are left out (the report says so).
+ANALYSES = {
+    "fusion_gain": (["fusion_gain"], ["fusion_gain"]),
+    "modality_imbalance": (["modality_imbalance"], ["modality_imbalance"]),
+    "robustness": (["robustness_train", "robustness_train_summary", "robustness_test", "robustness_test_summary"],
+                   ["robustness_train", "robustness_test"]),
+    "xray_age": (["xray_age"], ["xray_age"]),
+    "ranking": (["ranking"], ["ranking_cd"]),
+    "calibration": (["calibration"], ["reliability"]),
+    "fairness": (["fairness_groups", "fairness_gaps", "fairness_fusion_effect", "fairness_missing_correlation"],
+                 ["fairness_gaps"]),
+}
+NEEDS_CXR = ("fusion_gain", "modality_imbalance", "robustness", "xray_age")
+
+
+def grid_analyses():
+    """The analyses this dataset allows (every one with X-ray data; without, those that need none)."""
+    return [name for name in ANALYSES if HAS_CXR or name not in NEEDS_CXR]
+
+
+def analysis_files(name):
+    """The output files of one analysis: every table as CSV, Markdown and LaTeX, every figure as PNG and SVG."""
+    tables, figures = ANALYSES[name]
+    return [f"{RESULTS}/tables/{t}.{ext}" for t in tables for ext in ("csv", "md", "tex")] + [
+        f"{RESULTS}/figures/{f}.{ext}" for f in figures for ext in ("png", "svg")
+    ]
+
+
+def analysis_outputs():
+    return [path for name in grid_analyses() for path in analysis_files(name)]
+
+
+def analysis_report_files(name, category):
+    """An analysis's outputs; its figures and Markdown tables go into the Snakemake report under ``category``."""
+    caption, shown = f"../report/{name}.rst", (".png", ".md")
+    files = analysis_files(name)
+    return [report(f, caption=caption, category=category) if f.endswith(shown) else f for f in files]
+
+
+def analysis_params(wildcards):
+    """What every analysis script needs besides its inputs (JSON-serialisable, so a change reruns it)."""
+    return {
+        "modalities": model_modalities(),
+        "missing_aware": missing_aware_models(),
+        "ehr_only_models": ehr_only_models(),
+        "grid_missing": grid_missing(),
+        "evaluate": config["evaluate"],
+        "settings": config["analysis"],
+        "tables_dir": f"{RESULTS}/tables",
+        "figures_dir": f"{RESULTS}/figures",
+    }
+
+
+def model_modalities():
+    """model -> the modalities it reads, for the analyses."""
+    return {model: list(config["models"][model]["modalities"]) for model in config["models"]}
+
+
+def missing_aware_models():
+    """model -> whether its config declares it handles a missing X-ray."""
+    return {model: bool(config["models"][model].get("missing_aware", False)) for model in config["models"]}
 
 
 def cohort_inputs(wildcards):
@@ -127,6 +192,11 @@ def ehr_encoder(seed, task, model):
     return f"{RESULTS}/pretrain/seed{seed}/ehr/{task}/{model}.pt"
 
 
+def ehr_tensor_file(wildcards):
+    """The EHR tensor a task reads (length of stay reads mortality's: same stays, same first 48 h)."""
+    return f"{RESULTS}/ehr/{tensor_task(wildcards.task)}.nc"
+
+
 def train_inputs(wildcards):
     """A cell needs the cohort and its task's EHR tensor; CXR models also the image cache; and every part the
     model declares `pretrained:` its pretraining output (cxr: the encoder of its seed and cxr depth, plus its pooled
@@ -135,7 +205,7 @@ def train_inputs(wildcards):
     settings = SETTINGS[wildcards.model]
     inputs = {
         "stays": f"{RESULTS}/cohort/stays.parquet",
-        "ehr": f"{RESULTS}/ehr/{wildcards.task}.nc",
+        "ehr": ehr_tensor_file(wildcards),
     }
     if HAS_CXR and uses_cxr(wildcards.model):
         inputs["cxr_index"] = f"{RESULTS}/cxr/index.parquet"
@@ -180,6 +250,16 @@ def aggregation_inputs(runs):
 def aggregate_inputs(wildcards):
     """Every cell of the grid: the main tables wait for all of them."""
     return aggregation_inputs(grid_runs())
+
+
+def analysis_inputs(wildcards):
+    """Every cell's outputs, the cohort (groups, X-ray ages) and, on synthetic data, the signal map."""
+    inputs = aggregation_inputs(grid_runs())
+    inputs.pop("oracle", None)
+    inputs["stays"] = f"{RESULTS}/cohort/stays.parquet"
+    if SYNTHETIC:
+        inputs["signal_map"] = f"{RESULTS}/raw/signal_map.json"
+    return inputs
 
 
 def available_aggregate_inputs(wildcards):

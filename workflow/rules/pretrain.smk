@@ -55,7 +55,7 @@ rule cxr_features:
 rule pretrain_ehr:
     input:
         stays="results/{dataset}/cohort/stays.parquet",
-        ehr="results/{dataset}/ehr/{task}.nc",
+        ehr=ehr_tensor_file,
     output:
         encoder="results/{dataset}/pretrain/seed{seed}/ehr/{task}/{model}.pt",
         history="results/{dataset}/pretrain/seed{seed}/ehr/{task}/{model}/history.csv",

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ehrcxr.data import raw
+from ehrcxr.data.tasks import LOS_LABELS, length_of_stay_classes
 from ehrcxr.resources import CHEXPERT_LABELS, phenotype_labels, phenotypes
 
 log = logging.getLogger("ehrcxr.cohort")
@@ -59,6 +60,7 @@ def build_cohort(mimic_iv_root: str | Path, mimic_cxr_root: str | Path | None = 
     stays["los_hours"] = (stays["outtime"] - stays["intime"]) / pd.Timedelta(hours=1)
     stays["in_mortality_task"] = (stays["los_hours"] >= mortality_min_hours).astype(bool)
     stays["mortality"] = _in_hospital_death(stays).astype("int8")
+    stays[LOS_LABELS] = length_of_stay_classes(stays["los_hours"])
     stays["race"] = race_group(stays["race"])
     phenotype_table = admission_phenotypes(mimic_iv_root, stays["hadm_id"])
     stays = stays.merge(phenotype_table, left_on="hadm_id", right_index=True, how="left", validate="m:1")
@@ -80,7 +82,8 @@ def build_cohort(mimic_iv_root: str | Path, mimic_cxr_root: str | Path | None = 
 
     columns = (STAY_ID_COLUMNS + STAY_TIME_COLUMNS
                + ["los_hours", "age", "gender", "race", "insurance", "admission_type", "mortality",
-                  "in_mortality_task"] + phenotype_labels() + ["split", "cxr_dicom_id", "cxr_study_id", "cxr_hours"])
+                  "in_mortality_task"] + phenotype_labels() + LOS_LABELS
+               + ["split", "cxr_dicom_id", "cxr_study_id", "cxr_hours"])
     stays = stays[columns].sort_values("stay_id").reset_index(drop=True)
     stays.attrs["cohort_counts"] = counts
     log.info("cohort: %d stays of %d subjects (%d with mortality task), %d candidate images, %d paired stays",

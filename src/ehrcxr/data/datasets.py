@@ -12,7 +12,7 @@ import torch
 import xarray as xr
 
 from ehrcxr.data.cxr import load_cxr_cache
-from ehrcxr.data.tasks import task_labels, task_stays
+from ehrcxr.data.tasks import is_multiclass, task_labels, task_stays
 from ehrcxr.batch import Batch
 
 log = logging.getLogger("ehrcxr.data")
@@ -58,8 +58,9 @@ class StaySet(torch.utils.data.Dataset):
 
     def __init__(self, name: str, stay_id: np.ndarray, ehr: np.ndarray, ehr_mask: np.ndarray,
                  ehr_length: np.ndarray, labels: np.ndarray, has_cxr: np.ndarray, cxr_hours: np.ndarray,
-                 cxr_row: np.ndarray, images: np.ndarray | None):
+                 cxr_row: np.ndarray, images: np.ndarray | None, multiclass: bool = False):
         self.name = name
+        self.multiclass = multiclass  # the labels are one-hot classes (softmax, cross-entropy), not independent
         self.stay_id = torch.as_tensor(np.asarray(stay_id, dtype=np.int64))
         self.ehr = torch.as_tensor(np.ascontiguousarray(ehr, dtype=np.float32))
         self.ehr_mask = torch.as_tensor(np.ascontiguousarray(ehr_mask, dtype=np.float32))
@@ -92,6 +93,21 @@ class StaySet(torch.utils.data.Dataset):
             raise ValueError(f"{self.name}: precomputed CXR features miss cache rows this set needs")
         self._features = features
         self._feature_position = position
+
+    def withheld(self, modality: str) -> "StaySet":
+        """The same stays with one modality withheld at inference, as the model's missing-input convention
+        sees it: 'cxr' = no X-ray (has_cxr 0, a zero image, cxr_hours 0, as a missing X-ray); 'ehr' = every EHR
+        channel 0 (normalised values at the training mean, every observation mask 'unobserved'), lengths kept."""
+        if modality not in ("cxr", "ehr"):
+            raise ValueError(f"modality must be 'cxr' or 'ehr', got {modality!r}")
+        no_cxr, no_ehr = modality == "cxr", modality == "ehr"
+        copy = StaySet(self.name, self.stay_id, torch.zeros_like(self.ehr) if no_ehr else self.ehr,
+                       torch.zeros_like(self.ehr_mask) if no_ehr else self.ehr_mask, self.ehr_length, self.labels,
+                       torch.zeros_like(self.has_cxr) if no_cxr else self.has_cxr,
+                       torch.zeros_like(self.cxr_hours) if no_cxr else self.cxr_hours,
+                       torch.full_like(self.cxr_row, -1) if no_cxr else self.cxr_row, self.images, self.multiclass)
+        copy._features, copy._feature_position = self._features, self._feature_position
+        return copy
 
     def cxr_shape(self) -> tuple[int, ...]:
         """Shape of one served CXR item (C, H, W)."""
@@ -204,8 +220,10 @@ def load_cell_data(stays_path: str | Path, ehr_path: str | Path, task: str, miss
     labels = task_labels(task)
     stays = pd.read_parquet(stays_path)
     required = {"stay_id", "split", "cxr_dicom_id", "cxr_hours", *labels}
-    if task == "mortality":
+    if task in ("mortality", "length_of_stay"):
         required.add("in_mortality_task")
+    if task == "length_of_stay":
+        required.add("los_hours")
     absent = sorted(required - set(stays.columns))
     if absent:
         raise ValueError(f"{stays_path}: missing column(s) {absent}")
@@ -217,6 +235,10 @@ def load_cell_data(stays_path: str | Path, ehr_path: str | Path, task: str, miss
     label_values = stays[labels].to_numpy(dtype=np.float64)
     if np.isnan(label_values).any() or not np.isin(label_values, [0.0, 1.0]).all():
         raise ValueError(f"{stays_path}: label columns {labels} must be 0/1 without missing values")
+    if is_multiclass(task) and (label_values.sum(axis=1) != 1).any():
+        bad = int(np.flatnonzero(label_values.sum(axis=1) != 1)[0])
+        raise ValueError(f"{stays_path}: stay_id {stays['stay_id'].iloc[bad]} has {int(label_values[bad].sum())} of "
+                         f"the one-hot {task} classes {labels} set (exactly one expected)")
     stay_ids = stays["stay_id"].to_numpy(np.int64)
     ehr, ehr_mask, length = _read_ehr(ehr_path, stay_ids)
 
@@ -252,7 +274,7 @@ def load_cell_data(stays_path: str | Path, ehr_path: str | Path, task: str, miss
         rows = np.flatnonzero(members)
         return StaySet(name, stay_ids[rows], ehr[rows], ehr_mask[rows], length[rows], label_values[rows],
                        available[rows], np.where(available[rows], cxr_hours[rows], 0.0),
-                       np.where(available[rows], cxr_row[rows], -1), images)
+                       np.where(available[rows], cxr_row[rows], -1), images, is_multiclass(task))
 
     is_test = split == "test"
     splits = {

@@ -21,15 +21,19 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ehrcxr.evaluate.bootstrap import bootstrap_metrics
+from ehrcxr.data.tasks import TASKS, is_multiclass
+from ehrcxr.evaluate.bootstrap import bootstrap_metrics, resample_weights, summarise_resamples
 from ehrcxr.evaluate.metrics import METRICS, has_both_classes
+from ehrcxr.evaluate.multiclass import MULTICLASS_METRICS, multiclass_resample_stats
 
 log = logging.getLogger("ehrcxr.evaluate")
 
 EVAL_SETS = ("paired_test", "partial_test")
+PREDICTED_SETS = ("val", *EVAL_SETS)  # predictions.parquet rows: val (analyses' thresholds, model choice) + test
 COLUMNS = ["task", "model", "missing", "run_missing", "eval_set", "metric", "estimate", "ci_low", "ci_high", "n_seeds",
            "selection", "n_stays", "n_positive", "n_labels_scored", "single_class_labels"]
 ORACLE_MODEL, ORACLE_MISSING, ORACLE_SELECTION = "oracle", "—", "—"
+ORACLE_TASKS = ("phenotyping", "mortality")  # tasks whose true label probabilities the synthetic oracle holds
 SELECTION_METRICS = ("val_auprc", "val_auroc", "val_loss")  # what ehrcxr.train.loop.fit selects epochs by
 _RUN_KEYS = ("task", "model", "missing", "seed", "labels")
 RUN_OUTPUTS = ("metrics.json", "predictions.parquet")
@@ -55,16 +59,17 @@ class Run:
         return rows.sort_values("stay_id").reset_index(drop=True)
 
 
-def _check_predictions(frame: pd.DataFrame, labels: list[str], path: Path) -> None:
-    needed = ["stay_id", "eval_set"] + [f"{k}_{label}" for label in labels for k in ("y", "p")]
+def _check_predictions(frame: pd.DataFrame, labels: list[str], path: Path, prefixes: tuple[str, ...] = ("p",)
+                       ) -> None:
+    needed = ["stay_id", "eval_set"] + [f"{k}_{label}" for label in labels for k in ("y", *prefixes)]
     absent = [c for c in needed if c not in frame.columns]
     if absent:
         raise ValueError(f"{path}: missing columns {absent}")
-    bad_set = ~frame["eval_set"].isin(EVAL_SETS)
+    bad_set = ~frame["eval_set"].isin(PREDICTED_SETS)
     if bad_set.any():
         row = int(np.flatnonzero(bad_set)[0])
         raise ValueError(
-            f"{path}: column eval_set, row {row}: {frame['eval_set'].iloc[row]!r} is not one of {EVAL_SETS}"
+            f"{path}: column eval_set, row {row}: {frame['eval_set'].iloc[row]!r} is not one of {PREDICTED_SETS}"
         )
     duplicated = frame.duplicated(["stay_id", "eval_set"])
     if duplicated.any():
@@ -78,16 +83,19 @@ def _check_predictions(frame: pd.DataFrame, labels: list[str], path: Path) -> No
             row = int(np.flatnonzero(bad)[0])
             raise ValueError(f"{path}: column y_{label}, row {row} (stay_id {frame['stay_id'].iloc[row]}): "
                              f"label {y[row]!r} is not 0/1")
-        p = pd.to_numeric(frame[f"p_{label}"], errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(p)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{path}: column p_{label}, row {row} (stay_id {frame['stay_id'].iloc[row]}): "
-                             f"probability {frame[f'p_{label}'].iloc[row]!r} is not a finite number")
+        for prefix in prefixes:
+            column = f"{prefix}_{label}"
+            p = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+            bad = ~np.isfinite(p)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"{path}: column {column}, row {row} (stay_id {frame['stay_id'].iloc[row]}): "
+                                 f"probability {frame[column].iloc[row]!r} is not a finite number")
 
 
-def load_run(run_dir: str | Path) -> Run:
-    """Read ``metrics.json`` and ``predictions.parquet`` of one run directory and validate them."""
+def load_run(run_dir: str | Path, prefixes: tuple[str, ...] = ("p",)) -> Run:
+    """Read ``metrics.json`` and ``predictions.parquet`` of one run directory and validate them. ``prefixes``: the
+    score columns read per label (``p``: as trained; ``p_nocxr``/``p_noehr``: one modality withheld)."""
     run_dir = Path(run_dir)
     meta_path = run_dir / "metrics.json"
     meta = json.loads(meta_path.read_text())
@@ -101,13 +109,16 @@ def load_run(run_dir: str | Path) -> Run:
     if selection_metric not in (None, *SELECTION_METRICS):
         raise ValueError(f"{meta_path}: selection_metric {selection_metric!r} is not one of {SELECTION_METRICS}")
     pred_path = run_dir / "predictions.parquet"
-    columns = ["stay_id", "eval_set"] + [f"{k}_{label}" for label in labels for k in ("y", "p")]
+    columns = ["stay_id", "eval_set"] + [f"{k}_{label}" for label in labels for k in ("y", *prefixes)]
     available = set(pq.read_schema(pred_path).names)
+    if "has_cxr" in available:
+        columns.insert(2, "has_cxr")
     absent = [c for c in columns if c not in available]
     if absent:
-        raise ValueError(f"{pred_path}: missing columns {absent}")
+        raise ValueError(f"{pred_path}: missing columns {absent[:4]}{' …' if len(absent) > 4 else ''} (written by an "
+                         f"older ehrcxr? rerun with: {rerun_command([run_dir])})")
     predictions = pd.read_parquet(pred_path, columns=columns)
-    _check_predictions(predictions, labels, pred_path)
+    _check_predictions(predictions, labels, pred_path, prefixes)
     return Run(run_dir, str(meta["task"]), str(meta["model"]), str(meta["missing"]), int(meta["seed"]),
                labels, selection_metric, predictions)
 
@@ -253,11 +264,27 @@ def _counts(y: np.ndarray, labels: list[str]) -> tuple[dict, list[dict]]:
     return macro_counts, label_counts
 
 
+def _multiclass_rows(key, eval_set, y, p_by_seed, selection, counts, *, n_boot, ci, seed) -> list[dict]:
+    """Accuracy, macro-F1 and linear-weighted kappa of a multiclass task, on the main table's resamples."""
+    task, model, missing = key
+    values = multiclass_resample_stats(y, p_by_seed, resample_weights(y.shape[0], n_boot, seed))
+    rows = []
+    for metric in MULTICLASS_METRICS:
+        estimate, low, high = summarise_resamples(values[metric], ci)
+        rows.append(dict(task=task, model=model, missing=missing, run_missing=missing, eval_set=eval_set,
+                         metric=metric, estimate=estimate, ci_low=low, ci_high=high, n_seeds=len(p_by_seed),
+                         selection=selection, **counts))
+    return rows
+
+
 def _metric_rows(key, eval_set, labels, y, p_by_seed, selection, *, n_boot, ci, seed, threads=1) -> list[dict]:
     task, model, missing = key
     rows = []
     results = bootstrap_metrics(y, p_by_seed, list(METRICS), n_boot=n_boot, ci=ci, seed=seed, threads=threads)
     macro_counts, label_counts = _counts(y, labels)
+    if is_multiclass_task(task) and model != ORACLE_MODEL:
+        rows += _multiclass_rows(key, eval_set, y, p_by_seed, selection, macro_counts, n_boot=n_boot, ci=ci,
+                                 seed=seed)
     for name, (macro_ci, label_ci) in zip(METRICS, results):
         named = [(name, macro_ci, macro_counts)]
         if len(labels) > 1:  # multi-label tasks (phenotyping) also report every label
@@ -287,8 +314,11 @@ def _oracle_rows(groups, oracle_path: Path, *, n_boot, ci, seed, threads=1) -> l
         reference = groups[candidates[0]][0]
         labels = reference.labels
         absent = [label for label in labels if label not in oracle.columns]
-        if absent:
+        if absent and task in ORACLE_TASKS:
             raise ValueError(f"{oracle_path}: missing columns {absent} for task {task}")
+        if absent:  # the generator gives no true class probabilities of length of stay
+            log.info("no oracle rows for %s: %s holds no probabilities of its labels", task, oracle_path)
+            continue
         for eval_set in EVAL_SETS:
             stays = reference.eval_set(eval_set)
             if stays.empty:
@@ -384,6 +414,15 @@ def _counts_line(row) -> str:
     return line
 
 
+MULTICLASS_TITLES = {"accuracy": "Accuracy", "macro_f1": "Macro-F1",
+                     "kappa_linear": "Cohen's kappa, linearly weighted (ordered classes)"}
+
+
+def is_multiclass_task(task: str) -> bool:
+    """True for a known multiclass task (its table adds accuracy, macro-F1 and kappa)."""
+    return task in TASKS and is_multiclass(task)
+
+
 ITEMID_MAP_NOTES = {
     "corrected": "EHR item map `corrected`: blood glucose and blood pH only.",
     "benchmark": "EHR item map `benchmark`: mimic3-benchmarks' map as MedFuse and CareBench use it (urine glucose and "
@@ -412,10 +451,11 @@ def render_markdown(table: pd.DataFrame, *, ci: float = 0.95, n_boot: int = 1000
     lines += _selection_note(table) + _shared_note(table)
     if missing_runs is not None:
         lines += _missing_section(missing_runs, n_runs)
-    macro = table[table["metric"].isin(list(METRICS))]
+    shown = list(METRICS) + list(MULTICLASS_METRICS)
+    macro = table[table["metric"].isin(shown)]
     for (task, eval_set), section in macro.groupby(["task", "eval_set"], sort=True):
-        lines += ["", f"## {task} — {eval_set}", "", _counts_line(section.iloc[0])]
-        for metric in METRICS:
+        lines += ["", f"## {task} — {eval_set}", "", _counts_line(section[section["metric"].isin(METRICS)].iloc[0])]
+        for metric in shown:
             cells = section[section["metric"] == metric]
             if cells.empty:
                 continue
@@ -425,7 +465,10 @@ def render_markdown(table: pd.DataFrame, *, ci: float = 0.95, n_boot: int = 1000
             grid = grid[sorted(grid.columns, key=_missing_order)]
             grid = grid.loc[sorted(grid.index, key=lambda m: (m == ORACLE_MODEL, m))]
             grid.columns.name = None
-            lines += ["", f"### Macro {metric.upper()}", "", grid.to_markdown()]
+            title = f"Macro {metric.upper()}" if metric in METRICS else MULTICLASS_TITLES[metric]
+            if metric in METRICS and is_multiclass_task(task):
+                title += " (one class vs the rest)"
+            lines += ["", f"### {title}", "", grid.to_markdown()]
     return "\n".join(lines) + "\n"
 
 

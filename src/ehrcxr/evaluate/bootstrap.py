@@ -1,15 +1,16 @@
 """Vectorised stay-level bootstrap of AUROC and AUPRC, pooled over training seeds.
 
 A bootstrap resample of ``n`` stays is stored as a row of integer counts (how often each stay was
-drawn, with replacement). For one label, one sort of the scores serves every resample: the weighted
-positive and negative counts of each group of tied scores give AUROC (ties count ½, as
-``roc_auc_score``) and average precision (tied scores form one threshold, as
-``average_precision_score``) for all resamples at once.
+drawn, with replacement). For one label, one sort of the scores serves every resample: split by class, the
+running weight of the negatives (and positives) scoring below each positive gives AUROC (ties count ½, as
+``roc_auc_score``) and average precision (tied scores form one threshold, as ``average_precision_score``) for
+all resamples at once, touching the positives' columns only after two running sums.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,68 +37,82 @@ def _check_weights(w, n: int) -> tuple[np.ndarray, bool]:
     return w, single
 
 
-def _tie_groups(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """One sort of a label's scores: (ascending order, whether each sorted stay is positive, the start of each
-    group of tied scores or None when no two scores tie)."""
+@dataclass(frozen=True)
+class ClassSplit:
+    """One sort of a label's scores, split by class: the positives' and negatives' stay indices in ascending score
+    order, and for every positive (in that order) how many negatives score below it, how many score at most as
+    high, and how many positives score below it. Ties need no special case: they are these counts."""
+
+    positives: np.ndarray
+    negatives: np.ndarray
+    negatives_below: np.ndarray
+    negatives_not_above: np.ndarray
+    positives_below: np.ndarray
+
+
+def split_by_class(y: np.ndarray, p: np.ndarray) -> ClassSplit:
+    """The :class:`ClassSplit` of 0/1 labels ``y`` and scores ``p`` (n,)."""
+    positive = np.asarray(y).astype(bool)
     order = np.argsort(p, kind="stable")
-    sorted_p = p[order]
-    positive = y[order].astype(bool)
-    starts = None
-    if sorted_p.size > 1 and (sorted_p[1:] == sorted_p[:-1]).any():
-        starts = np.flatnonzero(np.r_[True, sorted_p[1:] != sorted_p[:-1]])
-    return order, positive, starts
+    positives, negatives = order[positive[order]], order[~positive[order]]
+    positive_scores, negative_scores = p[positives], p[negatives]
+    return ClassSplit(positives, negatives,
+                      np.searchsorted(negative_scores, positive_scores, side="left"),
+                      np.searchsorted(negative_scores, positive_scores, side="right"),
+                      np.searchsorted(positive_scores, positive_scores, side="left"))
 
 
-def _group_sums(w: np.ndarray, groups: tuple[np.ndarray, np.ndarray, np.ndarray | None]
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted positives and negatives per tie group (ascending scores) of weight rows ``w`` (B, n) -> (B, G)."""
-    order, positive, starts = groups
-    weights = w[:, order]
-    pos = weights * positive
-    neg = weights - pos
-    if starts is not None:
-        pos, neg = np.add.reduceat(pos, starts, axis=1), np.add.reduceat(neg, starts, axis=1)
-    return pos, neg
+def _cumulative(w: np.ndarray) -> np.ndarray:
+    """(B, n + 1) running sums of weight rows, starting at 0, in the weights' dtype (int32 sums are exact and
+    several times faster than float ones)."""
+    out = np.zeros((w.shape[0], w.shape[1] + 1), dtype=w.dtype)
+    np.cumsum(w, axis=1, out=out[:, 1:])
+    return out
 
 
-def _tie_group_sums(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted positives and negatives per group of tied scores, groups in ascending score order.
+def _split_metrics(w: np.ndarray, split: ClassSplit, metrics: Sequence[str]) -> dict[str, np.ndarray]:
+    """AUROC and/or average precision of each weight row ``w`` (B, n) -> (B,) each.
 
-    ``y`` (n,) 0/1, ``p`` (n,), ``w`` (B, n) float weights -> two (B, G) arrays.
-    """
-    return _group_sums(w, _tie_groups(y, p))
-
-
-def _auroc_from_groups(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """AUROC per row from ascending tie-group sums: P(score_pos > score_neg) + ½ P(tie); NaN if one class."""
-    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
-    neg_below_plus_half_tied = np.cumsum(neg, axis=1)
-    neg_below_plus_half_tied -= 0.5 * neg
-    concordant = np.einsum("bg,bg->b", pos, neg_below_plus_half_tied)
-    denom = n_pos * n_neg
-    return np.divide(concordant, denom, out=np.full(denom.shape, np.nan), where=denom > 0)
-
-
-def _auprc_from_groups(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """Average precision per row from ascending tie-group sums; NaN when a row has no positives."""
-    # true positives and all predicted positives when thresholding at each group's score (it and all higher)
-    tp = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1]
-    predicted = np.cumsum(neg[:, ::-1], axis=1)[:, ::-1]
-    predicted += tp
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    n_pos = tp[:, 0] if tp.shape[1] else np.zeros(tp.shape[0])
-    summed = np.einsum("bg,bg->b", pos, precision)
-    return np.divide(summed, n_pos, out=np.full(n_pos.shape, np.nan), where=n_pos > 0)
+    AUROC = Σ_pos w_i (negatives below + ½ tied) / (P N), as ``roc_auc_score``; average precision =
+    Σ_pos w_i precision(s_i) / P, where precision(s) counts every stay scoring ≥ s (tied scores are one threshold),
+    as ``average_precision_score``. NaN where a row lacks a class (AUROC) or positives (AP). Integer weights are
+    summed as integers, then everything is float64."""
+    negatives = _cumulative(w[:, split.negatives])
+    positive_weights = w[:, split.positives]
+    n_pos, n_neg = positive_weights.sum(axis=1, dtype=np.float64), negatives[:, -1].astype(np.float64)
+    below = negatives[:, split.negatives_below].astype(np.float64)
+    out = {}
+    if "auroc" in metrics:
+        tied_half = 0.5 * (negatives[:, split.negatives_not_above] - below)
+        concordant = np.einsum("bi,bi->b", positive_weights.astype(np.float64), below + tied_half)
+        denom = n_pos * n_neg
+        out["auroc"] = np.divide(concordant, denom, out=np.full(denom.shape, np.nan), where=denom > 0)
+    if "auprc" in metrics:
+        positives_below = _cumulative(positive_weights)[:, split.positives_below].astype(np.float64)
+        at_or_above_pos = n_pos[:, None] - positives_below
+        predicted = at_or_above_pos + (n_neg[:, None] - below)
+        precision = np.divide(at_or_above_pos, predicted, out=np.zeros_like(predicted), where=predicted > 0)
+        summed = np.einsum("bi,bi->b", positive_weights.astype(np.float64), precision)
+        out["auprc"] = np.divide(summed, n_pos, out=np.full(n_pos.shape, np.nan), where=n_pos > 0)
+    return out
 
 
-BLOCK_ROWS = 64  # bootstrap rows evaluated together: a label's (64, n) arrays fit in the CPU cache
-_FROM_GROUPS = {"auroc": _auroc_from_groups, "auprc": _auprc_from_groups}
+def _summable(weights: np.ndarray) -> np.ndarray:
+    """``weights`` as int32 when they are whole counts whose row sums fit (bootstrap counts), else float64."""
+    if weights.size and np.array_equal(weights, np.round(weights)) and weights.sum(axis=1).max() < 2**31 - 1:
+        return weights.astype(np.int32)
+    return weights.astype(np.float64)
+
+
+BLOCK_ROWS = 64  # bootstrap rows evaluated together (at least): a label's (64, n) arrays fit in the CPU cache
+BLOCK_ELEMENTS = 1 << 17  # small sets (subgroups) take more rows per block, up to this many weights
+VECTORISED = ("auroc", "auprc")
 
 
 def _weighted(metric: str, y, p, w):
     y, p = check_binary_scores(y, p, f"weighted_{metric}")
     w, single = _check_weights(w, y.size)
-    values = _FROM_GROUPS[metric](*_tie_group_sums(y, p, w))
+    values = _split_metrics(_summable(w), split_by_class(y, p), (metric,))[metric]
     return float(values[0]) if single else values
 
 
@@ -155,19 +170,21 @@ def _label_stats(
     """
     n_seeds, (n, n_labels) = len(p_by_seed), y.shape
     out = [np.empty((n_seeds, weights.shape[0], n_labels)) for _ in metrics]
-    vectorised = [isinstance(m, str) and m in _FROM_GROUPS for m in metrics]
-    stays, int_weights = np.arange(n), weights.astype(np.int64)
+    vectorised = [isinstance(m, str) and m in VECTORISED for m in metrics]
+    fast = tuple(m for m, v in zip(metrics, vectorised) if v)
+    stays, int_weights, summable = np.arange(n), weights.astype(np.int64), _summable(weights)
 
     def one_label(s: int, j: int) -> None:
         p = p_by_seed[s]
-        if any(vectorised):
-            groups = _tie_groups(y[:, j], p[:, j])
-            for start in range(0, weights.shape[0], BLOCK_ROWS):
-                block = slice(start, start + BLOCK_ROWS)
-                sums = _group_sums(weights[block], groups)
+        if fast:
+            split = split_by_class(y[:, j], p[:, j])
+            rows = max(BLOCK_ROWS, BLOCK_ELEMENTS // max(n, 1))
+            for start in range(0, weights.shape[0], rows):
+                block = slice(start, start + rows)
+                values = _split_metrics(summable[block], split, fast)
                 for k, metric in enumerate(metrics):
                     if vectorised[k]:
-                        out[k][s, block, j] = _FROM_GROUPS[metric](*sums)
+                        out[k][s, block, j] = values[metric]
         for k, metric in enumerate(metrics):
             if not vectorised[k]:
                 fn = resolve_metric(metric)  # no weighted form: evaluate each expanded resample
@@ -185,18 +202,63 @@ def _label_stats(
     return out
 
 
-def _percentile_ci(values: np.ndarray, ci: float) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return float("nan"), float("nan")
-    low, high = np.percentile(finite, [50 * (1 - ci), 50 * (1 + ci)])
-    return float(low), float(high)
+def _percentile_ci(values: np.ndarray, ci: float) -> np.ndarray:
+    """(2, K) central ``ci`` percentile interval of each column of ``values`` (B, K) over its finite entries, by
+    ``np.percentile``'s linear interpolation, all columns at once; NaN for a column without finite entries."""
+    values = np.where(np.isfinite(values), values, np.nan)
+    ordered = np.sort(values, axis=0)  # NaN last
+    count = np.isfinite(ordered).sum(axis=0)
+    out = np.full((2, values.shape[1]), np.nan)
+    present = np.flatnonzero(count > 0)
+    for row, q in enumerate((0.5 * (1 - ci), 0.5 * (1 + ci))):
+        position = q * (count[present] - 1)
+        below = np.floor(position).astype(np.int64)
+        above = np.minimum(below + 1, count[present] - 1)
+        low_values, high_values = ordered[below, present], ordered[above, present]
+        out[row, present] = low_values + (high_values - low_values) * (position - below)
+    return out
 
 
 def _masked_mean(values: np.ndarray, valid: np.ndarray, axis: int) -> np.ndarray:
     count = valid.sum(axis=axis)
     total = np.where(valid, values, 0.0).sum(axis=axis)
     return np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
+
+
+def resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(1 + n_boot, n) float64 stay weights: row 0 = the full set (ones), then ``n_boot`` resamples drawn with
+    ``resample_counts`` and ``np.random.default_rng(seed)``. Every model, group and label scored on these stays
+    shares them, so differences between models are paired."""
+    counts = resample_counts(n, n_boot, np.random.default_rng(seed))
+    return np.vstack([np.ones((1, n)), counts]).astype(np.float64)
+
+
+def pooled_resample_stats(y, p_by_seed: Sequence, metrics: Sequence[str | Metric], weights: np.ndarray,
+                          threads: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per metric, the seed-pooled ``(macro (W,), per-label (W, L))`` value under every weight row (``weights``
+    (W, N), e.g. :func:`resample_weights`). A label lacking a class under a row is NaN there and left out of that
+    row's macro mean; the macro value is the mean over seeds of each seed's macro mean, a label's the mean over
+    seeds."""
+    y, p_by_seed = _check_inputs(y, p_by_seed)
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 2 or weights.shape[1] != y.shape[0]:
+        raise ValueError(f"weights must have shape (W, {y.shape[0]}), got {weights.shape}")
+    valid = (weights @ y > 0) & (weights @ (1 - y) > 0)  # (W, L): both classes present
+    results = []
+    for stats in _label_stats(y, p_by_seed, list(metrics), weights, threads):  # (S, W, L) each
+        stats = np.where(valid[None], stats, np.nan)
+        macro = _masked_mean(stats, np.isfinite(stats), axis=2).mean(axis=0)  # (W,)
+        results.append((macro, stats.mean(axis=0)))
+    return results
+
+
+def summarise_resamples(values: np.ndarray, ci: float = 0.95) -> np.ndarray:
+    """``(..., 3)`` estimate, low, high from resample values ``(W, ...)``: row 0 is the estimate, the central
+    ``ci`` percentile interval of the finite rows 1.. the CI (NaN where none is finite)."""
+    values = np.asarray(values, dtype=np.float64)
+    flat = values.reshape(values.shape[0], -1)
+    out = np.column_stack([flat[0], _percentile_ci(flat[1:], ci).T])
+    return out.reshape(*values.shape[1:], 3)
 
 
 def bootstrap_metrics(
@@ -218,20 +280,10 @@ def bootstrap_metrics(
     if not 0 < ci < 1:
         raise ValueError(f"ci must lie in (0, 1), got {ci}")
     y, p_by_seed = _check_inputs(y, p_by_seed)
-    n = y.shape[0]
-    counts = resample_counts(n, n_boot, np.random.default_rng(seed))
-    weights = np.vstack([np.ones((1, n)), counts]).astype(np.float64)  # row 0 = the full set
-    valid = (weights @ y > 0) & (weights @ (1 - y) > 0)  # (W, L): both classes present
+    weights = resample_weights(y.shape[0], n_boot, seed)
     results = []
-    for stats in _label_stats(y, p_by_seed, list(metrics), weights, threads):  # (S, W, L) each
-        stats = np.where(valid[None], stats, np.nan)
-        macro_pooled = _masked_mean(stats, np.isfinite(stats), axis=2).mean(axis=0)  # (W,)
-        macro_ci = (float(macro_pooled[0]), *_percentile_ci(macro_pooled[1:], ci))
-        label_pooled = stats.mean(axis=0)  # (W, L)
-        label_ci = np.array(
-            [(label_pooled[0, j], *_percentile_ci(label_pooled[1:, j], ci)) for j in range(y.shape[1])]
-        ).reshape(-1, 3)
-        results.append((macro_ci, label_ci))
+    for macro, labels in pooled_resample_stats(y, p_by_seed, metrics, weights, threads):
+        results.append((tuple(float(v) for v in summarise_resamples(macro, ci)), summarise_resamples(labels, ci)))
     return results
 
 
@@ -253,6 +305,7 @@ def bootstrap_ci(
 
 
 __all__ = [
-    "METRICS", "WEIGHTED_METRICS", "bootstrap_ci", "bootstrap_metrics", "resample_counts",
+    "METRICS", "WEIGHTED_METRICS", "bootstrap_ci", "bootstrap_metrics", "pooled_resample_stats", "resample_counts",
+    "resample_weights", "summarise_resamples",
     "weighted_auprc", "weighted_auroc",
 ]

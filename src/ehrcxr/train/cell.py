@@ -19,6 +19,10 @@ from ehrcxr.train.loop import (
 log = logging.getLogger("ehrcxr.train")
 
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "patience")
+# predictions.parquet holds the val stays (thresholds and model choice of the analyses) and both test sets, each
+# scored as trained (p_<label>) and with one modality withheld (p_nocxr_<label>, p_noehr_<label>)
+PREDICTED_SETS = ("val", *EVAL_SETS)
+WITHHELD = ("cxr", "ehr")
 
 
 def _json_number(value: float) -> float | None:
@@ -86,20 +90,26 @@ def run_cell(inputs: dict, out_dir: str | Path, task: str, model: str, missing: 
                  log=log, inputs=inputs, run_key=run_key(inputs, task, model, missing, seed, settings))
 
     resolved = resolve_device(train_params.get("device", "auto"))
+    batch_size = max(int(train_params["batch_size"]), 256)
     frames, metrics = [], {}
-    for eval_set in EVAL_SETS:
+    for eval_set in PREDICTED_SETS:
         stay_set = data.splits[eval_set]
-        probabilities = predict(network, stay_set, batch_size=max(int(train_params["batch_size"]), 256),
-                                device=resolved)
+        probabilities = predict(network, stay_set, batch_size=batch_size, device=resolved)
         labels = stay_set.labels.numpy()
-        auprc, auroc = macro_scores(labels, probabilities)
-        metrics[eval_set] = {"auroc": _json_number(auroc), "auprc": _json_number(auprc)}
+        if eval_set in EVAL_SETS:
+            auprc, auroc = macro_scores(labels, probabilities)
+            metrics[eval_set] = {"auroc": _json_number(auroc), "auprc": _json_number(auprc)}
         frame = pd.DataFrame({"stay_id": stay_set.stay_id.numpy(), "eval_set": eval_set,
                               "has_cxr": stay_set.has_cxr.numpy().astype(np.int8)})
         for column, label in enumerate(data.labels):
             frame[f"y_{label}"] = labels[:, column].astype(np.int8)
-        for column, label in enumerate(data.labels):
-            frame[f"p_{label}"] = probabilities[:, column].astype(np.float64)
+        columns = {"p": probabilities}
+        for modality in WITHHELD:  # the same trained model with one input withheld (no retraining)
+            columns[f"p_no{modality}"] = predict(network, stay_set.withheld(modality), batch_size=batch_size,
+                                                 device=resolved)
+        for prefix, values in columns.items():
+            for column, label in enumerate(data.labels):
+                frame[f"{prefix}_{label}"] = values[:, column].astype(np.float64)
         frames.append(frame)
     predictions = pd.concat(frames, ignore_index=True)
     write_atomic(out_dir / "predictions.parquet", lambda path: predictions.to_parquet(path, index=False))

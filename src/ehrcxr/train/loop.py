@@ -168,17 +168,29 @@ def prepare_batch(batch: Batch, device: torch.device, augment: dict | None = Non
     return batch
 
 
-def task_loss(output: ModelOutput, batch: Batch) -> torch.Tensor:
-    """BCE-with-logits on the labels plus every auxiliary loss of the model (in fp32)."""
-    loss = F.binary_cross_entropy_with_logits(output.logits.float(), batch.labels)
+def label_loss(logits: torch.Tensor, labels: torch.Tensor, multiclass: bool = False) -> torch.Tensor:
+    """BCE-with-logits on independent labels; cross-entropy on the one-hot class of a multiclass task."""
+    if multiclass:
+        return F.cross_entropy(logits, labels.argmax(dim=1))
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def label_probabilities(logits: torch.Tensor, multiclass: bool = False) -> torch.Tensor:
+    """Sigmoid of each label's logit, or the softmax over the classes of a multiclass task."""
+    return torch.softmax(logits, dim=1) if multiclass else torch.sigmoid(logits)
+
+
+def task_loss(output: ModelOutput, batch: Batch, multiclass: bool = False) -> torch.Tensor:
+    """The label loss (:func:`label_loss`) plus every auxiliary loss of the model (in fp32)."""
+    loss = label_loss(output.logits.float(), batch.labels, multiclass)
     for aux in output.aux_losses.values():
         loss = loss + aux.float()
     return loss
 
 
-def _evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device
+def _evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, multiclass: bool = False
               ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(labels, probabilities, mean BCE) of ``model`` over ``loader``: eval mode, no grad and fp32 (no
+    """(labels, probabilities, mean label loss) of ``model`` over ``loader``: eval mode, no grad and fp32 (no
     autocast), so predictions keep their resolution and rank ties do not move AUROC/AUPRC."""
     model.eval()
     labels, logits = [], []
@@ -190,19 +202,21 @@ def _evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: tor
     if not logits:
         return np.zeros((0, 0)), np.zeros((0, 0)), float("nan")
     logits_all, labels_all = torch.cat(logits), torch.cat(labels)
-    loss = float(F.binary_cross_entropy_with_logits(logits_all, labels_all))
-    return labels_all.numpy(), torch.sigmoid(logits_all).numpy(), loss
+    loss = float(label_loss(logits_all, labels_all, multiclass))
+    return labels_all.numpy(), label_probabilities(logits_all, multiclass).numpy(), loss
 
 
 def predict(model: nn.Module, stay_set: StaySet, batch_size: int = 256, device: str | torch.device = "auto"
             ) -> np.ndarray:
-    """Probabilities (sigmoid of logits), shape (len(stay_set), n_labels), in stay_set order (fp32)."""
+    """Probabilities (sigmoid of logits; softmax for a multiclass task), shape (len(stay_set), n_labels), in
+    stay_set order (fp32)."""
     device = resolve_device(device) if isinstance(device, str) else device
     model.to(device)
     n_labels = int(stay_set.labels.shape[1])
     if len(stay_set) == 0:
         return np.zeros((0, n_labels), dtype=np.float32)
-    _, probabilities, _ = _evaluate(model, _loader(stay_set, batch_size, device, threads=1), device)
+    _, probabilities, _ = _evaluate(model, _loader(stay_set, batch_size, device, threads=1), device,
+                                    stay_set.multiclass)
     return probabilities
 
 
@@ -318,7 +332,7 @@ class TrainStep:
     optimizers: list[torch.optim.Optimizer]
 
     def loss(self, output: ModelOutput, batch: Batch) -> torch.Tensor:
-        return task_loss(output, batch)
+        return task_loss(output, batch, self.data.splits["train"].multiclass)
 
     def autocast(self):
         return autocast(self.device)
@@ -565,7 +579,7 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
             total_count += len(batch)
         _call_hook(model, "on_train_epoch_end", epoch, step)
         _register_new_parameters(model, optimizers)
-        val_labels, val_probabilities, val_loss = _evaluate(model, val_loader, resolved)
+        val_labels, val_probabilities, val_loss = _evaluate(model, val_loader, resolved, data.splits["val"].multiclass)
         val_auprc, val_auroc = macro_scores(val_labels, val_probabilities)
         lr_now = optimizers[0].param_groups[0]["lr"]
         for scheduler_ in schedulers:

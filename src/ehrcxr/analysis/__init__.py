@@ -1,0 +1,1 @@
+"""Analyses of the grid's predictions: fusion gain, modality imbalance, ranking, robustness, fairness, calibration."""

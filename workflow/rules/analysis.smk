@@ -1,0 +1,125 @@
+# The report's analyses: each reads every cell's per-stay predictions (val + test, as trained and with one modality
+# withheld) and writes its tables (CSV, Markdown, LaTeX) and figures (PNG, SVG). ANALYSES in common.smk lists them.
+
+
+rule fusion_gain:
+    input:
+        unpack(analysis_inputs),
+    output:
+        analysis_report_files("fusion_gain", "1 When fusion helps"),
+    params:
+        analysis=analysis_params,
+    log:
+        f"logs/{DATASET}/analysis/fusion_gain.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/analysis/fusion_gain.tsv"
+    threads: 1
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../../scripts/analysis_fusion_gain.py"
+
+
+rule modality_imbalance:
+    input:
+        unpack(analysis_inputs),
+    output:
+        analysis_report_files("modality_imbalance", "1 When fusion helps"),
+    params:
+        analysis=analysis_params,
+    log:
+        f"logs/{DATASET}/analysis/modality_imbalance.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/analysis/modality_imbalance.tsv"
+    threads: 1
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../../scripts/analysis_modality_imbalance.py"
+
+
+rule ranking:
+    input:
+        unpack(analysis_inputs),
+    output:
+        analysis_report_files("ranking", "2 How strategies compare"),
+    params:
+        analysis=analysis_params,
+    log:
+        f"logs/{DATASET}/analysis/ranking.log",
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../../scripts/analysis_ranking.py"
+
+
+rule robustness:
+    input:
+        unpack(analysis_inputs),
+    output:
+        analysis_report_files("robustness", "3 Robustness to a missing X-ray"),
+    params:
+        analysis=analysis_params,
+    log:
+        f"logs/{DATASET}/analysis/robustness.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/analysis/robustness.tsv"
+    threads: 1
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../../scripts/analysis_robustness.py"
+
+
+rule fairness:
+    input:
+        unpack(analysis_inputs),
+    output:
+        analysis_report_files("fairness", "4 Fairness"),
+    params:
+        analysis=analysis_params,
+    log:
+        f"logs/{DATASET}/analysis/fairness.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/analysis/fairness.tsv"
+    threads: 1
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../../scripts/analysis_fairness.py"
+
+
+rule calibration:
+    input:
+        unpack(analysis_inputs),
+    output:
+        analysis_report_files("calibration", "5 Calibration and X-ray age"),
+    params:
+        analysis=analysis_params,
+    log:
+        f"logs/{DATASET}/analysis/calibration.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/analysis/calibration.tsv"
+    threads: 1
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../../scripts/analysis_calibration.py"
+
+
+rule xray_age:
+    input:
+        unpack(analysis_inputs),
+    output:
+        analysis_report_files("xray_age", "5 Calibration and X-ray age"),
+    params:
+        analysis=analysis_params,
+    log:
+        f"logs/{DATASET}/analysis/xray_age.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/analysis/xray_age.tsv"
+    threads: 1
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../../scripts/analysis_xray_age.py"
