@@ -150,22 +150,28 @@ def forest_figure(table: pd.DataFrame, metric: str = "auroc"):
     shown = table[(table["missing"] == "natural") & (table["eval_set"] == "paired_test")
                   & (table["reference"] == "best_unimodal") & (table["metric"] == metric)
                   & ~table["label"].str.startswith("class:")]
-    panels = list(shown.groupby(["task", "model"], sort=True))
-    if not panels:
+    if shown.empty:
         return empty_figure("no fusion model with a paired test set: nothing to compare")
-    height = max(len(part) for _, part in panels) * 0.22 + 1.5
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), height), squeeze=False)
-    for axis, ((task, model), part) in zip(axes[0], panels):
-        part = part.sort_values("gain")
-        positions = np.arange(len(part))
-        colours = [SIGNAL_COLOURS.get(signal, "black") for signal in part["signal"]]
-        gain, low, high = (part[column].to_numpy() for column in ("gain", "ci_low", "ci_high"))
-        axis.errorbar(gain, positions, xerr=[gain - low, high - gain], fmt="none", ecolor="lightgray", zorder=1)
-        axis.scatter(gain, positions, c=colours, s=14, zorder=2)
-        axis.axvline(0, color="black", lw=0.8)
-        axis.set_yticks(positions, [label.removeprefix("ph_") for label in part["label"]], fontsize=7)
-        axis.set_title(f"{task}: {model}\nvs {part['reference_model'].iloc[0]}", fontsize=9)
-        axis.set_xlabel(f"{metric.upper()} gain")
+    tasks, models = sorted(shown["task"].unique()), sorted(shown["model"].unique())
+    heights = [shown[shown["task"] == task].groupby("model").size().max() * 0.2 + 0.8 for task in tasks]
+    figure, axes = plt.subplots(len(tasks), len(models), figsize=(3.8 * len(models), sum(heights) + 0.6),
+                                squeeze=False, gridspec_kw={"height_ratios": heights})
+    for row, task in enumerate(tasks):
+        for column, model in enumerate(models):
+            axis, part = axes[row][column], shown[(shown["task"] == task) & (shown["model"] == model)]
+            if part.empty:
+                axis.axis("off")
+                continue
+            part = part.sort_values("gain")
+            positions = np.arange(len(part))
+            colours = [SIGNAL_COLOURS.get(signal, "black") for signal in part["signal"]]
+            gain, low, high = (part[name].to_numpy() for name in ("gain", "ci_low", "ci_high"))
+            axis.errorbar(gain, positions, xerr=[gain - low, high - gain], fmt="none", ecolor="lightgray", zorder=1)
+            axis.scatter(gain, positions, c=colours, s=14, zorder=2)
+            axis.axvline(0, color="black", lw=0.8)
+            axis.set_yticks(positions, [label.removeprefix("ph_") for label in part["label"]], fontsize=7)
+            axis.set_title(f"{task}: {model} vs {part['reference_model'].iloc[0]}", fontsize=8)
+            axis.set_xlabel(f"{metric.upper()} gain", fontsize=8)
     present = sorted(set(shown["signal"]) - {""})
     if present:
         handles = [plt.Line2D([], [], marker="o", ls="", color=SIGNAL_COLOURS[s], label=f"planted: {s}")
