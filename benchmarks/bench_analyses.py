@@ -3,7 +3,7 @@
 Paper scale: 20 models × 3 tasks × 11 missingness levels × 5 seeds, 12,000 test stays (26.5% paired). One slice is
 timed for real — phenotyping (25 labels), one missing level, 20 models × 5 seeds, 1,000 resamples — on synthetic
 predictions held in memory; the grid is projected by the analyses' cost per label-column (mortality 1 label, length
-of stay 7) and missing level. Fairness and X-ray age need the cohort; it is drawn with the same stays.
+of stay 7) and missing level. Fairness, calibration and X-ray age are not timed here (they need the cohort).
 
     python benchmarks/bench_analyses.py [--stays 12000] [--models 20] [--seeds 5] [--threads 2]
 """
@@ -83,7 +83,8 @@ def main() -> None:
     label_factor = sum(TASK_LABELS.values()) / TASK_LABELS["phenotyping"]
     total = sum(timings.values()) * label_factor * MISSING_LEVELS
     print(f"projected grid ({len(TASK_LABELS)} tasks × {MISSING_LEVELS} levels): {total / 60:.1f} min on "
-          f"{args.threads} threads; ~{total * args.threads / 16 / 60:.1f} min on 16 cores")
+          f"{args.threads} threads; ~{total * args.threads / 16 / 60:.1f} min on 16 cores if the work were split "
+          "into 16 independent jobs (today each analysis is one job over every task and level)")
 
 
 if __name__ == "__main__":
