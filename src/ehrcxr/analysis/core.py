@@ -44,10 +44,6 @@ class Cell:
         return self.runs[0].labels
 
     @property
-    def seeds(self) -> list[int]:
-        return [run.seed for run in self.runs]
-
-    @property
     def is_fusion(self) -> bool:
         return set(self.modalities) >= {"ehr", "cxr"}
 
@@ -181,8 +177,3 @@ def headline(table: pd.DataFrame) -> pd.DataFrame:
     """The rows a summary shows: the macro rows of multi-label tasks and every row of single-label tasks."""
     single = table.groupby("task")["label"].transform("nunique") == 1
     return table[(table["label"] == MACRO) | single]
-
-
-def run_dirs_of(paths) -> list[Path]:
-    """Run directories from the files the rule's input names."""
-    return _as_run_dirs(paths)
