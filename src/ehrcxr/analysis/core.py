@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +18,7 @@ import pandas as pd
 from ehrcxr.evaluate.aggregate import (
     EVAL_SETS, Run, check_runs_current, load_run, served_missing, _as_run_dirs, _group_runs, _missing_order,
 )
+from ehrcxr.evaluate.bootstrap import pooled_resample_stats, resample_weights
 from ehrcxr.evaluate.metrics import macro
 
 log = logging.getLogger("ehrcxr.analysis")
@@ -80,6 +80,34 @@ class Cell:
             p = frame[[f"p_{label}" for label in self.labels]].to_numpy(np.float64)
             values.append(macro(y, p, metric))
         return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+METRICS = ("auroc", "auprc")  # the ranking metrics every resample cache holds
+
+
+class ResampleCache:
+    """Seed-pooled per-resample metrics of cells, computed once per (cell, eval set, score) on the weights of
+    their (task, eval set), which every model shares (so differences are paired)."""
+
+    def __init__(self, n_boot: int, seed: int, threads: int = 1):
+        self.n_boot, self.seed, self.threads = n_boot, seed, threads
+        self._weights: dict[tuple[str, str], np.ndarray] = {}
+        self._stats: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+
+    def weights(self, cell: Cell, eval_set: str) -> np.ndarray:
+        key = (cell.task, eval_set)
+        if key not in self._weights:
+            self._weights[key] = resample_weights(cell.stays(eval_set).size, self.n_boot, self.seed)
+        return self._weights[key]
+
+    def stats(self, cell: Cell, eval_set: str, score: str = "p") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """metric -> (macro (W,), per label (W, L))."""
+        key = (cell.task, cell.model, cell.run_missing, eval_set, score)
+        if key not in self._stats:
+            values = pooled_resample_stats(cell.labels_of(eval_set), cell.scores(eval_set, score), METRICS,
+                                           self.weights(cell, eval_set), self.threads)
+            self._stats[key] = dict(zip(METRICS, values))
+        return self._stats[key]
 
 
 def load_cells(run_dirs, modalities: dict[str, list[str]], ehr_only_models=(), grid_missing=(),

@@ -15,41 +15,15 @@ import numpy as np
 import pandas as pd
 
 from ehrcxr.analysis.core import (
-    MACRO, Cell, benjamini_hochberg, best_by_validation, bootstrap_p_value, cells_of, eval_sets_of, load_cells,
-    task_settings,
+    MACRO, METRICS, Cell, ResampleCache, benjamini_hochberg, best_by_validation, bootstrap_p_value, cells_of,
+    eval_sets_of, load_cells, task_settings,
 )
 from ehrcxr.analysis.publish import empty_figure, format_ci, format_p, save_figure, write_table
-from ehrcxr.evaluate.bootstrap import pooled_resample_stats, resample_weights, summarise_resamples
+from ehrcxr.evaluate.bootstrap import summarise_resamples
 
 log = logging.getLogger("ehrcxr.analysis")
 
-METRICS = ("auroc", "auprc")
 SIGNAL_COLOURS = {"both": "tab:purple", "cxr": "tab:orange", "ehr": "tab:blue", "weak": "tab:gray", "": "black"}
-
-
-class ResampleCache:
-    """Seed-pooled per-resample metrics of cells, computed once per (cell, eval set, score) on the weights of
-    their (task, eval set), which every model shares (so differences are paired)."""
-
-    def __init__(self, n_boot: int, seed: int, threads: int = 1):
-        self.n_boot, self.seed, self.threads = n_boot, seed, threads
-        self._weights: dict[tuple[str, str], np.ndarray] = {}
-        self._stats: dict[tuple, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-
-    def weights(self, cell: Cell, eval_set: str) -> np.ndarray:
-        key = (cell.task, eval_set)
-        if key not in self._weights:
-            self._weights[key] = resample_weights(cell.stays(eval_set).size, self.n_boot, self.seed)
-        return self._weights[key]
-
-    def stats(self, cell: Cell, eval_set: str, score: str = "p") -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """metric -> (macro (W,), per label (W, L))."""
-        key = (cell.task, cell.model, cell.run_missing, eval_set, score)
-        if key not in self._stats:
-            values = pooled_resample_stats(cell.labels_of(eval_set), cell.scores(eval_set, score), METRICS,
-                                           self.weights(cell, eval_set), self.threads)
-            self._stats[key] = dict(zip(METRICS, values))
-        return self._stats[key]
 
 
 def read_signal_map(path: str | Path | None) -> dict[str, str]:

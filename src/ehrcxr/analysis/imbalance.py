@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ehrcxr.analysis.core import MACRO, bootstrap_p_value, headline, load_cells
-from ehrcxr.analysis.fusion_gain import METRICS, ResampleCache, read_signal_map
+from ehrcxr.analysis.core import MACRO, METRICS, ResampleCache, bootstrap_p_value, headline, load_cells
+from ehrcxr.analysis.fusion_gain import read_signal_map
 from ehrcxr.analysis.publish import empty_figure, format_ci, format_p, save_figure, write_table
 from ehrcxr.evaluate.bootstrap import summarise_resamples
 

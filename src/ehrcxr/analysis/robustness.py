@@ -14,9 +14,8 @@ import numpy as np
 import pandas as pd
 
 from ehrcxr.analysis.core import (
-    MACRO, bootstrap_p_value, cells_of, headline, load_cells, missing_rate, task_settings,
+    MACRO, METRICS, ResampleCache, bootstrap_p_value, cells_of, headline, load_cells, missing_rate, task_settings,
 )
-from ehrcxr.analysis.fusion_gain import METRICS, ResampleCache
 from ehrcxr.analysis.publish import empty_figure, format_ci, save_figure, write_table
 from ehrcxr.evaluate.bootstrap import pooled_resample_stats, summarise_resamples
 from ehrcxr.evaluate.aggregate import EVAL_SETS
