@@ -20,7 +20,7 @@ demo: install  ## synthetic data -> cohort -> tensors -> every grid cell -> tabl
 	@echo; echo "Report (every table and figure): results/synthetic/report.html"
 
 test: install  ## unit tests + a tiny end-to-end workflow run
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(VENV)/bin/snakemake --lint

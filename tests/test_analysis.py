@@ -199,3 +199,27 @@ def test_fusion_gain_writes_tables_and_figures_with_aggregates_only(grid, tmp_pa
     assert auroc.loc["class:cxr", "q_value"] < 0.05 < auroc.loc["class:ehr", "q_value"]
     written = pd.read_csv(tmp_path / "out" / "fusion_gain.csv")
     assert "stay_id" not in written.columns and len(written) == len(table)
+
+
+def test_slices_in_parallel_processes_give_the_serial_tables(grid):
+    """Two (task, missing) slices: the tables on 2 cores (one forked worker per slice) equal those on 1."""
+    rng = np.random.default_rng(5)
+    natural = load_cells(_runs(grid), MODALITIES)
+    for (task, model, _), cell in natural.items():
+        for seed, run in zip((1, 2), cell.runs):
+            sets = {}
+            for eval_set in ("val", "paired_test", "partial_test"):
+                frame = run.eval_set(eval_set)
+                y = frame[[f"y_{label}" for label in LABELS]].to_numpy()
+                sets[eval_set] = {"stay_id": frame["stay_id"].to_numpy(), "y": y, "p": _scores(rng, y, 1.5),
+                                  "p_nocxr": _scores(rng, y, 1.0), "p_noehr": _scores(rng, y, 0.5),
+                                  "has_cxr": frame["has_cxr"].to_numpy()}
+            write_run(grid, task, model, "miss0.5", seed, LABELS, sets)
+    cells = load_cells(_runs(grid), MODALITIES)
+    options = dict(n_boot=50, seed=3)
+    for table in (lambda threads: fusion_gain_table(cells, threads=threads, **options),
+                  lambda threads: imbalance_table(cells, threads=threads, **options),
+                  lambda threads: missingness_at_test_time(cells, {}, [0, 0.5, 1], threads=threads, **options)[0]):
+        serial, parallel = table(1), table(2)
+        assert set(serial["missing"]) == {"natural", "miss0.5"}
+        pd.testing.assert_frame_equal(serial, parallel)

@@ -176,16 +176,17 @@ def test_seeds_pool_by_averaging_and_macro_averages_labels(study):
 
 
 def test_bootstrap_ci_equals_slow_loop_over_expanded_resamples(study):
+    """Group CIs, and the CI of the difference to the reference group (WHITE, the largest race group), from a
+    loop over resamples expanded into repeated stays."""
     groups, stays, y = study["tables"]["fairness_groups"], study["stays"], study["y"]
-    members = np.flatnonzero(stays["race"].to_numpy() == "HISPANIC")
+    race = stays["race"].to_numpy()
     weights = resample_weights(N_TEST, N_BOOT, SEED)
     runs = [study["scores"]["mortality", "ehr", seed] for seed in (0, 1)]
     thresholds = [_brute_force_youden(study["y_val"], run["val"]) for run in runs]
-    values = {"auroc": [], "tpr": [], "ece": []}
-    for row in weights[1:].astype(int):
-        idx = np.repeat(members, row[members])
+
+    def metrics(idx) -> dict[str, float]:
         y_b = y[idx]
-        per_seed = {metric: [] for metric in values}
+        per_seed = {"auroc": [], "tpr": [], "ece": []}
         for run, threshold in zip(runs, thresholds):
             p_b = run["test"][idx]
             both = 0 < y_b.sum() < len(y_b)
@@ -193,14 +194,34 @@ def test_bootstrap_ci_equals_slow_loop_over_expanded_resamples(study):
             per_seed["tpr"].append(np.mean(p_b[y_b == 1] >= threshold) if y_b.sum() else np.nan)
             bins = np.minimum((p_b * 10).astype(int), 9)
             per_seed["ece"].append(sum(abs((y_b - p_b)[bins == b].sum()) for b in range(10)) / len(y_b))
-        for metric in values:
-            values[metric].append(np.mean(per_seed[metric]))
+        return {metric: np.mean(values) for metric, values in per_seed.items()}
+
+    resampled = {name: {"auroc": [], "tpr": [], "ece": []} for name in ("HISPANIC", "WHITE")}
+    for row in weights[1:].astype(int):
+        for name, values in resampled.items():
+            members = np.flatnonzero(race == name)
+            for metric, value in metrics(np.repeat(members, row[members])).items():
+                values[metric].append(value)
     where = dict(eval_set="partial_test", model="ehr", label="mortality", attribute="race", group="HISPANIC")
-    for metric, resampled in values.items():
-        resampled = np.array(resampled)
-        low, high = np.percentile(resampled[np.isfinite(resampled)], [2.5, 97.5])
+    for metric in ("auroc", "tpr", "ece"):
+        hispanic, white = np.array(resampled["HISPANIC"][metric]), np.array(resampled["WHITE"][metric])
+        low, high = np.percentile(hispanic[np.isfinite(hispanic)], [2.5, 97.5])
         assert _value(groups, "ci_low", **where, metric=metric) == pytest.approx(low, abs=1e-12), metric
         assert _value(groups, "ci_high", **where, metric=metric) == pytest.approx(high, abs=1e-12), metric
+        difference = hispanic - white
+        low, high = np.percentile(difference[np.isfinite(difference)], [2.5, 97.5])
+        assert _value(groups, "difference_low", **where, metric=metric) == pytest.approx(low, abs=1e-12), metric
+        assert _value(groups, "difference_high", **where, metric=metric) == pytest.approx(high, abs=1e-12)
+        full = {name: metrics(np.flatnonzero(race == name))[metric] for name in ("HISPANIC", "WHITE")}
+        assert _value(groups, "difference", **where, metric=metric) == pytest.approx(
+            full["HISPANIC"] - full["WHITE"], abs=1e-12)
+        below = 1 + np.sum(difference[np.isfinite(difference)] <= 0)
+        above = 1 + np.sum(difference[np.isfinite(difference)] >= 0)
+        p_value = min(1.0, 2 * min(below, above) / (np.isfinite(difference).sum() + 1))
+        assert _value(groups, "difference_p", **where, metric=metric) == pytest.approx(p_value)
+    reference = _rows(groups, **{**where, "group": "WHITE"})
+    assert (reference["reference_group"] == "WHITE").all() and reference["difference"].isna().all()
+    members = np.flatnonzero(race == "HISPANIC")
     # and the full-set ECE by hand
     p = runs[0]["test"][members]
     bins = np.minimum((p * 10).astype(int), 9)
@@ -236,6 +257,8 @@ def test_planted_bias_shows_a_gap_and_a_positive_fusion_effect(study):
     assert biased["estimate"] > _value(gaps, **where, model="ehr") + 0.2
     groups = _rows(study["tables"]["fairness_groups"], **where, model="fusion").set_index("group")
     assert groups.loc["BLACK", "ci_high"] < groups.loc["WHITE", "ci_low"]  # a signed difference, not just max − min
+    assert groups.loc["BLACK", "reference_group"] == "WHITE" and groups.loc["BLACK", "difference_high"] < 0
+    assert groups.loc["BLACK", "difference_p"] < 0.05
     fused = _rows(effect, **where, model="fusion").iloc[0]
     assert fused["reference"] == "ehr"  # the unimodal model with the best validation AUPRC
     assert fused["estimate"] == pytest.approx(biased["estimate"] - _value(gaps, **where, model="ehr"))
@@ -277,7 +300,8 @@ def test_outputs_hold_aggregates_in_every_format(study):
         assert "## mortality" in markdown
     assert list(study["tables"]["fairness_groups"].columns) == [
         "task", "missing", "eval_set", "model", "label", "attribute", "group", "metric", "estimate", "ci_low",
-        "ci_high", "n_stays", "n_positive", "suppressed"]
+        "ci_high", "n_stays", "n_positive", "suppressed", "reference_group", "difference", "difference_low",
+        "difference_high", "difference_p"]
     gaps_md = (tables / "fairness_gaps.md").read_text()
     assert "## phenotyping" in gaps_md and "Youden" in gaps_md and "| copd" not in gaps_md  # macro rows only
     for suffix in (".png", ".svg"):
@@ -294,3 +318,12 @@ def test_bad_stays_input_is_named(study, tmp_path):
     study["stays"][study["stays"]["stay_id"] != 1234].to_parquet(short, index=False)
     with pytest.raises(ValueError, match=r"short\.parquet: no row for stay_id 1234"):
         run_fairness(runs, short, MODALITIES, tmp_path / "t", tmp_path / "f", n_boot=5)
+
+
+def test_tasks_in_parallel_processes_give_the_serial_tables(study, tmp_path):
+    runs = sorted((study["root"] / "runs").glob("*/*/*/seed*"))
+    parallel = run_fairness(runs, study["stays_path"], MODALITIES, tmp_path / "t", tmp_path / "f", n_boot=N_BOOT,
+                            ci=CI, seed=SEED, threads=2)  # one forked worker per task
+    assert set(study["tables"]["fairness_groups"]["task"]) == {"mortality", "phenotyping"}
+    for name, table in study["tables"].items():
+        pd.testing.assert_frame_equal(table, parallel[name])

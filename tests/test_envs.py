@@ -21,7 +21,7 @@ SRC = REPO / "src"
 IMPORT_PACKAGES: dict[str, tuple[str, ...]] = {
     "numpy": ("numpy",), "pandas": ("pandas",), "pyarrow": ("pyarrow",), "xarray": ("xarray",),
     "h5netcdf": ("h5netcdf",), "scipy": ("scipy",), "matplotlib": ("matplotlib",), "tabulate": ("tabulate",),
-    "sklearn": ("scikit-learn",), "PIL": ("pillow",), "yaml": ("pyyaml",),
+    "sklearn": ("scikit-learn",), "PIL": ("pillow",), "yaml": ("pyyaml",), "threadpoolctl": ("threadpoolctl",),
     "torch": ("pytorch-gpu", "pytorch", "pytorch-cpu"), "torchvision": ("torchvision",),
 }
 # packages named only by a string: the engine="..." keyword of xarray / pandas readers and writers

@@ -23,7 +23,7 @@ from test_workflow import tiny_config as workflow_tiny_config
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 GPU_RULES = ("pretrain_cxr", "cxr_features", "pretrain_ehr", "train")
-RUN_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 600
 # What sbatch must get for each rule at attempt 1: CPUs from the rule's threads, memory (MB, capped at the test
 # node's, see cpu_node_profile) and --time as squeue prints it from profiles/slurm.
 EXPECTED_REQUESTS = {
@@ -106,9 +106,10 @@ def runs(cluster, tmp_path_factory) -> dict:
     env = {**cluster.env, "EHRCXR_SLURM_ACCOUNT": "ehrcxr", "EHRCXR_SLURM_PARTITION": cluster.partition}
 
     start = time.monotonic()
-    # faster first status check than the profile's 40 s; keep the logs of successful jobs to inspect them
+    # faster status checks than the profile's (first after 40 s, then every 10 s): the 9 jobs form a chain of 7;
+    # keep the logs of successful jobs to inspect them
     slurm = snakemake(slurm_dir, env, "--profile", str(profile_dir), "--slurm-init-seconds-before-status-checks", "2",
-                      "--slurm-keep-successful-logs", TARGET)
+                      "--seconds-between-status-checks", "2", "--slurm-keep-successful-logs", TARGET)
     slurm_s = time.monotonic() - start
     output = slurm.stdout + slurm.stderr
     assert slurm.returncode == 0, output[-8000:] + "\n" + cluster.logs()

@@ -1,5 +1,7 @@
 # The report's analyses: each reads every cell's per-stay predictions (val + test, as trained and with one modality
 # withheld) and writes its tables (CSV, Markdown, LaTeX) and figures (PNG, SVG). ANALYSES in common.smk lists them.
+# ANALYSIS_THREADS: cores per analysis job, spread over its (task, missing) slices; a local run gets at most
+# --cores, a SLURM job that many CPUs (override per rule with set-threads in a profile).
 
 
 rule fusion_gain:
@@ -13,7 +15,7 @@ rule fusion_gain:
         f"logs/{DATASET}/analysis/fusion_gain.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/fusion_gain.tsv"
-    threads: 1
+    threads: ANALYSIS_THREADS
     conda:
         "../../envs/report.yaml"
     script:
@@ -31,7 +33,7 @@ rule modality_imbalance:
         f"logs/{DATASET}/analysis/modality_imbalance.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/modality_imbalance.tsv"
-    threads: 1
+    threads: ANALYSIS_THREADS
     conda:
         "../../envs/report.yaml"
     script:
@@ -64,7 +66,7 @@ rule robustness:
         f"logs/{DATASET}/analysis/robustness.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/robustness.tsv"
-    threads: 1
+    threads: ANALYSIS_THREADS
     conda:
         "../../envs/report.yaml"
     script:
@@ -82,7 +84,7 @@ rule fairness:
         f"logs/{DATASET}/analysis/fairness.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/fairness.tsv"
-    threads: 1
+    threads: ANALYSIS_THREADS
     conda:
         "../../envs/report.yaml"
     script:
@@ -100,7 +102,7 @@ rule calibration:
         f"logs/{DATASET}/analysis/calibration.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/calibration.tsv"
-    threads: 1
+    threads: ANALYSIS_THREADS
     conda:
         "../../envs/report.yaml"
     script:
@@ -118,7 +120,7 @@ rule xray_age:
         f"logs/{DATASET}/analysis/xray_age.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/xray_age.tsv"
-    threads: 1
+    threads: ANALYSIS_THREADS
     conda:
         "../../envs/report.yaml"
     script:

@@ -120,6 +120,7 @@ ANALYSES = {
                  ["fairness_gaps"]),
 }
 NEEDS_CXR = ("fusion_gain", "modality_imbalance", "robustness", "xray_age")
+ANALYSIS_THREADS = 16  # an analysis job's cores (benchmarks/bench_analyses.py: paper scale on 16)
 
 
 def grid_analyses():

@@ -10,6 +10,8 @@ analysis's estimates and CIs agree with ``main_results`` where they overlap.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -205,3 +207,36 @@ def headline(table: pd.DataFrame) -> pd.DataFrame:
     """The rows a summary shows: the macro rows of multi-label tasks and every row of single-label tasks."""
     single = table.groupby("task")["label"].transform("nunique") == 1
     return table[(table["label"] == MACRO) | single]
+
+
+_FORKED_CELLS: dict | None = None  # the cells map_slices's forked workers read (inherited, never pickled)
+
+
+def _run_slice(job):
+    from threadpoolctl import threadpool_limits
+
+    function, key = job
+    with threadpool_limits(1):  # one core per worker: BLAS (the weight-matrix products) must not spread wider
+        return function(_FORKED_CELLS, key, 1)
+
+
+def map_slices(function, cells: dict, keys: list, threads: int = 1) -> list:
+    """``function(cells, key, threads_per_slice)`` for every ``key`` (a slice of the work whose first item is its
+    task, e.g. (task, missing)), ``threads`` cores in all, results in key order: one slice at a time with every
+    thread, or up to ``threads`` slices at once in forked worker processes (which share the loaded ``cells``
+    without copying) with one thread each. ``function`` must be module-level (or a ``functools.partial`` of one)
+    and return picklable rows. Slices start widest task first (most labels: the longest), so the workers finish
+    together."""
+    processes = min(threads, len(keys))
+    if processes <= 1:
+        return [function(cells, key, threads) for key in keys]
+    width = {task: len(cell.labels) for (task, _, _), cell in cells.items()}
+    global _FORKED_CELLS
+    _FORKED_CELLS = cells
+    try:
+        with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = {index: pool.submit(_run_slice, (function, keys[index]))
+                       for index in sorted(range(len(keys)), key=lambda index: -width.get(keys[index][0], 0))}
+            return [futures[index].result() for index in range(len(keys))]
+    finally:
+        _FORKED_CELLS = None

@@ -4,20 +4,24 @@ For every task, on ``partial_test`` (all test stays; X-ray availability varies) 
 scored within groups of stays: age bins, gender, race, insurance, admission type, X-ray availability
 (``partial_test`` only) and the intersections age × race and gender × race. Per group, model and label (and the
 macro mean over labels of a multi-label task): AUROC, AUPRC, TPR, FPR and PPV at a threshold chosen on validation,
-ECE and the positive rate, each with a percentile bootstrap CI. Per attribute: the gap between groups, the ratio,
+ECE and the positive rate, each with a percentile bootstrap CI and its difference to the attribute's largest group
+(CI, bootstrap p). Per attribute: the gap between groups, the ratio,
 the worst group and the equalized-odds difference; per fusion model, its gap minus the best unimodal model's; per
 model, the Spearman correlation between a group's X-ray missing rate and its deficit.
 
 Every estimate uses the resamples of the main table (one weight matrix per task and evaluation set, shared by
 every model, group and label): a group's resamples are its stays' columns of that matrix, so a group metric, a gap
 and a difference of gaps between models are all evaluated on the same resamples. Groups below ``min_stays`` stays
-(or, for TPR and the equalized-odds difference, positives) are suppressed (PhysioNet's small-cell rule).
+(or, for TPR and the equalized-odds difference, positives) are suppressed (PhysioNet's small-cell rule). The work
+is one slice per task, evaluation set and model (:class:`ModelSlice`), spread over cores by ``core.map_slices``.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -42,7 +46,8 @@ INTERSECTIONS = (("age", "race"), ("gender", "race"))
 STAYS_COLUMNS = ("stay_id", *SINGLE_ATTRIBUTES)
 MACRO = "macro"
 COLUMNS = ["task", "missing", "eval_set", "model", "label", "attribute", "group", "metric", "estimate", "ci_low",
-           "ci_high", "n_stays", "n_positive", "suppressed"]
+           "ci_high", "n_stays", "n_positive", "suppressed", "reference_group", "difference", "difference_low",
+           "difference_high", "difference_p"]
 
 
 @dataclass
@@ -235,21 +240,41 @@ def _published_count(count: int, min_stays: int):
     return int(count) if count >= min_stays else pd.NA
 
 
+def reference_group(results: list[GroupResamples]) -> int:
+    """Index of an attribute's reference group: the one with the most stays ('unknown' only if nothing else)."""
+    sizes = [(result.group.name != UNKNOWN, result.n_stays) for result in results]
+    return max(range(len(results)), key=lambda index: sizes[index])
+
+
 def group_rows(results: list[GroupResamples], key: dict, columns: list[str], *, ci: float, min_stays: int
                ) -> list[dict]:
-    """Long-form rows (estimate, CI, counts, suppressed) of one model's groups."""
+    """Long-form rows (estimate, CI, counts, suppressed) of one model's groups, each with its difference to its
+    attribute's reference group (:func:`reference_group`) on the same resamples: estimate, CI and bootstrap p."""
     rows = []
+    by_attribute: dict[str, list[GroupResamples]] = {}
     for result in results:
-        for metric in METRICS:
-            summary = summarise_resamples(result.values[metric], ci)  # (K, 3)
-            suppressed = _suppressed(result, metric, min_stays)
-            for k, label in enumerate(columns):
-                estimate, low, high = (np.nan, np.nan, np.nan) if suppressed[k] else summary[k]
-                rows.append(dict(**key, label=label, attribute=result.group.attribute, group=result.group.name,
-                                 metric=metric, estimate=estimate, ci_low=low, ci_high=high,
-                                 n_stays=_published_count(result.n_stays, min_stays),
-                                 n_positive=_published_count(result.n_positive[k], min_stays),
-                                 suppressed=bool(suppressed[k])))
+        by_attribute.setdefault(result.group.attribute, []).append(result)
+    for attribute_results in by_attribute.values():
+        reference = attribute_results[reference_group(attribute_results)]
+        for result in attribute_results:
+            for metric in METRICS:
+                summary = summarise_resamples(result.values[metric], ci)  # (K, 3)
+                suppressed = _suppressed(result, metric, min_stays)
+                hidden = suppressed | _suppressed(reference, metric, min_stays)
+                difference = result.values[metric] - reference.values[metric]
+                difference_summary = summarise_resamples(difference, ci)
+                difference_p = core.bootstrap_p_value(difference)
+                for k, label in enumerate(columns):
+                    estimate, low, high = (np.nan, np.nan, np.nan) if suppressed[k] else summary[k]
+                    compared = not hidden[k] and result is not reference
+                    d_estimate, d_low, d_high = difference_summary[k] if compared else (np.nan, np.nan, np.nan)
+                    rows.append(dict(**key, label=label, attribute=result.group.attribute, group=result.group.name,
+                                     metric=metric, estimate=estimate, ci_low=low, ci_high=high,
+                                     n_stays=_published_count(result.n_stays, min_stays),
+                                     n_positive=_published_count(result.n_positive[k], min_stays),
+                                     suppressed=bool(suppressed[k]), reference_group=reference.group.name,
+                                     difference=d_estimate, difference_low=d_low, difference_high=d_high,
+                                     difference_p=difference_p[k] if compared else np.nan))
     return rows
 
 
@@ -301,19 +326,17 @@ def gap_rows(gaps: dict[str, tuple], results: list[GroupResamples], key: dict, c
     return rows
 
 
-def fusion_effect_rows(gap_resamples: dict, reference: core.Cell, fusion_cells: list[core.Cell], key: dict,
-                       columns: list[str], *, ci: float) -> list[dict]:
-    """Per fusion model, attribute, metric and label: its gap minus the reference (best unimodal) model's, on the
-    same resamples, with CI and bootstrap p."""
+def fusion_effect_rows(fusion_gaps: dict, reference_gaps: dict, reference: str, key: dict, columns: list[str], *,
+                       ci: float) -> list[dict]:
+    """Per attribute, metric and label of one fusion model (``key`` names it): its gap minus the reference (best
+    unimodal) model's, on the same resamples, with CI and bootstrap p. ``*_gaps``: (attribute, metric) -> (W, K)."""
     rows = []
-    for cell in fusion_cells:
-        for (attribute, metric), gap in gap_resamples[cell.model].items():
-            difference = gap - gap_resamples[reference.model][attribute, metric]
-            summary, p_value = summarise_resamples(difference, ci), core.bootstrap_p_value(difference)
-            for k, label in enumerate(columns):
-                rows.append(dict(**key, model=cell.model, reference=reference.model, label=label,
-                                 attribute=attribute, metric=metric, estimate=summary[k, 0], ci_low=summary[k, 1],
-                                 ci_high=summary[k, 2], p=p_value[k]))
+    for (attribute, metric), gap in fusion_gaps.items():
+        difference = gap - reference_gaps[attribute, metric]
+        summary, p_value = summarise_resamples(difference, ci), core.bootstrap_p_value(difference)
+        for k, label in enumerate(columns):
+            rows.append(dict(**key, reference=reference, label=label, attribute=attribute, metric=metric,
+                             estimate=summary[k, 0], ci_low=summary[k, 1], ci_high=summary[k, 2], p=p_value[k]))
     return rows
 
 
@@ -350,45 +373,68 @@ class FairnessTables:
     missing_correlation: list
 
 
-def _analyse_eval_set(cells: list[core.Cell], eval_set: str, stays: pd.DataFrame, stays_path, thresholds: dict,
-                      tables: FairnessTables, *, n_boot: int, ci: float, seed: int, min_stays: int, missing: str,
-                      threads: int) -> None:
-    """Every table's rows of one task on one evaluation set."""
-    anchor = cells[0]  # every cell of a task shares the test stays and labels (core.load_cells checks)
-    task, columns = anchor.task, label_columns(anchor.labels)
+@dataclass
+class EvalSet:
+    """The stays of one task's evaluation set with their groups and the shared resample weights."""
+
+    attributes: pd.DataFrame
+    groups: list[Group]
+    has_cxr: np.ndarray
+    y: np.ndarray
+    weights: np.ndarray
+
+
+def eval_set_groups(anchor: core.Cell, eval_set: str, stays: pd.DataFrame, stays_path, n_boot: int, seed: int
+                    ) -> EvalSet:
+    """Groups and weights of ``eval_set`` of ``anchor``'s task (every cell of a task shares its stays and labels:
+    core.load_cells checks)."""
     stay_ids = anchor.stays(eval_set)
     has_cxr = anchor.has_cxr(eval_set)
     attributes = stay_attributes(stays, stays_path, stay_ids, has_cxr if eval_set == "partial_test" else None,
-                                 f"{task} {eval_set}")
-    groups = make_groups(attributes)
-    y = anchor.labels_of(eval_set)
-    weights = resample_weights(len(stay_ids), n_boot, seed)
-    set_key = dict(task=task, missing=missing, eval_set=eval_set)
-    gap_resamples, group_rows_of_set = {}, []
-    for cell in cells:
-        p_by_seed = cell.scores(eval_set)
-        results = [group_resamples(group, y, p_by_seed, thresholds[cell.model], weights, threads, min_stays)
-                   for group in groups]
-        key = dict(**set_key, model=cell.model)
-        group_rows_of_set += group_rows(results, key, columns, ci=ci, min_stays=min_stays)
-        gap_resamples[cell.model] = {}
-        for attribute in attributes.columns:
-            members = [result for result in results if result.group.attribute == attribute]
-            gaps = attribute_gaps(members, min_stays)
-            tables.gaps += gap_rows(gaps, members, key, columns, ci=ci)
-            gap_resamples[cell.model].update({(attribute, metric): gap for metric, (gap, *_) in gaps.items()})
-    tables.groups += group_rows_of_set
+                                 f"{anchor.task} {eval_set}")
+    return EvalSet(attributes, make_groups(attributes), has_cxr, anchor.labels_of(eval_set),
+                   resample_weights(len(stay_ids), n_boot, seed))
 
-    unimodal = [cell for cell in cells if len(set(cell.modalities)) == 1]
-    reference = core.best_by_validation(unimodal)
-    fusion = [cell for cell in cells if cell.is_fusion]
-    if reference is not None:
-        tables.fusion_effect += fusion_effect_rows(gap_resamples, reference, fusion, set_key, columns, ci=ci)
-    if eval_set == "partial_test":
-        without_cxr = ~has_cxr
-        rates = {(group.attribute, group.name): float(without_cxr[group.members].mean()) for group in groups}
-        frame = pd.DataFrame(group_rows_of_set)
-        tables.missing_correlation += [{**set_key, **row} for row in missing_correlation_rows(frame, rates)]
+
+class ModelSlice(NamedTuple):
+    """One model on one evaluation set of one task: the unit of work spread over cores. ``reference``: the best
+    unimodal model; its own slice keeps its gap resamples, which a fusion model's slice gets as
+    ``reference_gaps`` to add the fusion effect."""
+
+    task: str
+    missing: str
+    eval_set: str
+    model: str
+    reference: str | None = None
+    reference_gaps: dict | None = None
+
+
+def _model_rows(cells: dict, key: ModelSlice, threads: int, *, stays, stays_path, n_boot, ci, seed, min_stays
+                ) -> dict:
+    """Group rows, gap rows, fusion-effect rows (given the reference's gaps) and the gap resamples of one model on
+    one evaluation set."""
+    cell = cells[key.task, key.model, key.missing]
+    columns = label_columns(cell.labels)
+    evaluation = eval_set_groups(cell, key.eval_set, stays, stays_path, n_boot, seed)
+    thresholds = cell_thresholds(cell)
+    p_by_seed = cell.scores(key.eval_set)
+    results = [group_resamples(group, evaluation.y, p_by_seed, thresholds, evaluation.weights, threads, min_stays)
+               for group in evaluation.groups]
+    row_key = dict(task=key.task, missing=key.missing, eval_set=key.eval_set, model=key.model)
+    out = {"groups": group_rows(results, row_key, columns, ci=ci, min_stays=min_stays), "gaps": [],
+           "fusion_effect": []}
+    gap_resamples = {}
+    for attribute in evaluation.attributes.columns:
+        members = [result for result in results if result.group.attribute == attribute]
+        gaps = attribute_gaps(members, min_stays)
+        out["gaps"] += gap_rows(gaps, members, row_key, columns, ci=ci)
+        gap_resamples.update({(attribute, metric): gap for metric, (gap, *_) in gaps.items()})
+    if key.reference_gaps is not None:
+        out["fusion_effect"] = fusion_effect_rows(gap_resamples, key.reference_gaps, key.reference, row_key,
+                                                  columns, ci=ci)
+    if key.model == key.reference:
+        out["gap_resamples"] = gap_resamples
+    return out
 
 
 def _headline(table: pd.DataFrame) -> pd.DataFrame:
@@ -487,20 +533,61 @@ def run_fairness(run_dirs, stays_path, modalities: dict[str, list[str]], tables_
     if not tasks:
         raise ValueError(f"no cells at missing={missing!r}; the runs have "
                          f"{sorted({key[2] for key in cells})}")
-    stays = read_stays(stays_path)
-    tables = FairnessTables([], [], [], [])
-    for task in tasks:
-        task_cells = core.cells_of(cells, task, missing)
-        thresholds = {cell.model: cell_thresholds(cell) for cell in task_cells}
-        for eval_set in EVAL_SETS:
-            if task_cells[0].stays(eval_set).size == 0:
-                log.warning("%s: no %s stays; skipped", task, eval_set)
-                continue
-            log.info("fairness: %s %s (%d models)", task, eval_set, len(task_cells))
-            _analyse_eval_set(task_cells, eval_set, stays, stays_path, thresholds, tables, n_boot=n_boot, ci=ci,
-                              seed=seed, min_stays=min_stays, missing=missing, threads=threads)
+    tables = fairness_tables(cells, read_stays(stays_path), stays_path, n_boot=n_boot, ci=ci, seed=seed,
+                             min_stays=min_stays, missing=missing, threads=threads)
     return _publish(tables, Path(tables_dir), Path(figures_dir), n_boot=n_boot, ci=ci, seed=seed,
                     min_stays=min_stays, missing=missing)
+
+
+def fairness_tables(cells: dict, stays: pd.DataFrame, stays_path, *, n_boot=1000, ci=0.95, seed=0, min_stays=10,
+                    missing="natural", threads=1) -> FairnessTables:
+    """Every table's rows of the cells at ``missing``. The work is one :class:`ModelSlice` per task, evaluation set
+    and model, spread over ``threads`` cores: first each task's reference (the best unimodal model on validation),
+    then every other model, the fusion models with the reference's gap resamples."""
+    tasks = sorted({task for task, _, cell_missing in cells if cell_missing == missing})
+    compute = partial(_model_rows, stays=stays, stays_path=stays_path, n_boot=n_boot, ci=ci, seed=seed,
+                      min_stays=min_stays)
+    sets = [(task, eval_set) for task in tasks for eval_set in EVAL_SETS
+            if core.cells_of(cells, task, missing)[0].stays(eval_set).size]
+    for task in tasks:
+        for eval_set in sorted(set(EVAL_SETS) - {s for t, s in sets if t == task}):
+            log.warning("%s: no %s stays; skipped", task, eval_set)
+    references = {}
+    for task in tasks:
+        unimodal = [cell for cell in core.cells_of(cells, task, missing) if len(set(cell.modalities)) == 1]
+        chosen = core.best_by_validation(unimodal)
+        references[task] = chosen.model if chosen is not None else None
+    first = [ModelSlice(task, missing, eval_set, references[task], references[task]) for task, eval_set in sets
+             if references[task]]
+    done = {(key.task, key.eval_set, key.model): part
+            for key, part in zip(first, core.map_slices(compute, cells, first, threads))}
+    rest = []
+    for task, eval_set in sets:
+        reference = references[task]
+        for cell in core.cells_of(cells, task, missing):
+            if cell.model != reference:
+                gaps = done[task, eval_set, reference]["gap_resamples"] if cell.is_fusion and reference else None
+                rest.append(ModelSlice(task, missing, eval_set, cell.model, reference if gaps else None, gaps))
+    done.update({(key.task, key.eval_set, key.model): part
+                 for key, part in zip(rest, core.map_slices(compute, cells, rest, threads))})
+    tables = FairnessTables([], [], [], [])
+    for task, eval_set in sets:
+        task_cells = core.cells_of(cells, task, missing)
+        log.info("fairness: %s %s (%d models)", task, eval_set, len(task_cells))
+        parts = [done[task, eval_set, cell.model] for cell in task_cells]
+        set_groups = [row for part in parts for row in part["groups"]]
+        tables.groups += set_groups
+        tables.gaps += [row for part in parts for row in part["gaps"]]
+        tables.fusion_effect += [row for part in parts for row in part["fusion_effect"]]
+        if eval_set == "partial_test":
+            has_cxr = task_cells[0].has_cxr(eval_set)
+            attributes = stay_attributes(stays, stays_path, task_cells[0].stays(eval_set), has_cxr, task)
+            rates = {(group.attribute, group.name): float(1 - has_cxr[group.members].mean())
+                     for group in make_groups(attributes)}
+            tables.missing_correlation += [
+                dict(task=task, missing=missing, eval_set=eval_set, **row)
+                for row in missing_correlation_rows(pd.DataFrame(set_groups), rates)]
+    return tables
 
 
 GAP_COLUMNS = ["task", "missing", "eval_set", "model", "label", "attribute", "metric", "estimate", "ci_low", "ci_high",
@@ -523,11 +610,14 @@ def _publish(tables: FairnessTables, tables_dir: Path, figures_dir: Path, *, n_b
     correlation = pd.DataFrame(tables.missing_correlation, columns=CORRELATION_COLUMNS)
 
     notes = _notes(n_boot=n_boot, ci=ci, seed=seed, min_stays=min_stays, missing=missing)
+    difference_note = ("CSV: each group's difference to its attribute's reference group (the group with the most "
+                       "stays; `reference_group`), group − reference on the same resamples, with CI and two-sided "
+                       "bootstrap p (`difference_p`); empty where either group is suppressed.")
     n_suppressed = int(groups["suppressed"].sum())
     suppression = (f"Suppressed: {n_suppressed} of {len(groups)} group rows (every label, metric and model in the "
                    f"CSV); {int(_headline(groups)['suppressed'].sum())} of the rows shown.")
     _write_sectioned(groups, lambda table: _groups_display(table, min_stays), tables_dir / "fairness_groups",
-                     title="Performance by patient group", notes=[*notes, suppression])
+                     title="Performance by patient group", notes=[*notes, difference_note, suppression])
     gap_note = ("Gap: max − min over the published groups of an attribute, its CI from the same resamples. A gap is "
                 "≥ 0 by construction and its resamples are biased upward (the max of noisy values), so the CI of a "
                 "small gap may lie above the estimate: compare gaps between models (fusion effect) rather than with "

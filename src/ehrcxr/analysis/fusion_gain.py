@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pandas as pd
 
 from ehrcxr.analysis.core import (
     MACRO, METRICS, Cell, ResampleCache, benjamini_hochberg, best_by_validation, bootstrap_p_value, cells_of,
-    eval_sets_of, load_cells, task_settings,
+    eval_sets_of, load_cells, map_slices, task_settings,
 )
 from ehrcxr.analysis.publish import empty_figure, format_ci, format_p, save_figure, write_table
 from ehrcxr.evaluate.bootstrap import summarise_resamples
@@ -85,21 +86,28 @@ def _difference_rows(fusion: Cell, reference: Cell, kind: str, eval_set: str, ca
 def fusion_gain_table(cells: dict, *, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, threads: int = 1,
                       signals: dict[str, str] | None = None) -> pd.DataFrame:
     """Long table of gains: task, missing, eval_set, model, reference, reference_model, metric, label
-    ('macro', a label, or 'class:<signal>' = the mean over the labels of a planted signal class), signal, gain, ci_low, ci_high, p_value, q_value (BH over the labels of one model,
-    reference, metric, eval set and setting; empty for the macro row), fusion_estimate, reference_estimate,
-    n_stays, n_positive, n_seeds."""
+    ('macro', a label, or 'class:<signal>' = the mean over the labels of a planted signal class), signal, gain,
+    ci_low, ci_high, p_value, q_value (BH over the labels of one model, reference, metric, eval set and setting;
+    empty for the macro row), fusion_estimate, reference_estimate, n_stays, n_positive, n_seeds. ``threads``:
+    cores, spread over the (task, missing) slices (:func:`~ehrcxr.analysis.core.map_slices`)."""
+    options = dict(n_boot=n_boot, ci=ci, seed=seed, signals=signals or {})
+    parts = map_slices(partial(_slice_rows, **options), cells, task_settings(cells), threads)
+    return pd.DataFrame([row for rows in parts for row in rows])
+
+
+def _slice_rows(cells: dict, key: tuple[str, str], threads: int, *, n_boot: int, ci: float, seed: int,
+                signals: dict[str, str]) -> list[dict]:
+    """The rows of one (task, missing) slice."""
     cache, rows = ResampleCache(n_boot, seed, threads), []
-    for task, missing in task_settings(cells):
-        members = cells_of(cells, task, missing)
-        chosen = references(members)
-        for kind, reference in chosen.items():
-            log.info("%s/%s: %s = %s (validation macro AUPRC %.3f)", task, missing, kind, reference.model,
-                     reference.val_score())
-        for fusion in (cell for cell in members if cell.is_fusion):
-            for eval_set in eval_sets_of(fusion):
-                for kind, reference in chosen.items():
-                    rows += _difference_rows(fusion, reference, kind, eval_set, cache, ci, signals or {})
-    return pd.DataFrame(rows)
+    members = cells_of(cells, *key)
+    chosen = references(members)
+    for kind, reference in chosen.items():
+        log.info("%s/%s: %s = %s (validation macro AUPRC %.3f)", *key, kind, reference.model, reference.val_score())
+    for fusion in (cell for cell in members if cell.is_fusion):
+        for eval_set in eval_sets_of(fusion):
+            for kind, reference in chosen.items():
+                rows += _difference_rows(fusion, reference, kind, eval_set, cache, ci, signals)
+    return rows
 
 
 def _display(table: pd.DataFrame) -> pd.DataFrame:

@@ -8,10 +8,14 @@ Withheld EHR: every EHR channel 0 — normalised values at their training mean, 
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 
-from ehrcxr.analysis.core import MACRO, METRICS, ResampleCache, bootstrap_p_value, headline, load_cells
+from ehrcxr.analysis.core import (
+    MACRO, METRICS, ResampleCache, bootstrap_p_value, cells_of, headline, load_cells, map_slices, task_settings,
+)
 from ehrcxr.analysis.fusion_gain import read_signal_map
 from ehrcxr.analysis.publish import empty_figure, format_ci, format_p, save_figure, write_table
 from ehrcxr.evaluate.bootstrap import summarise_resamples
@@ -24,9 +28,17 @@ def imbalance_table(cells: dict, *, n_boot: int = 1000, ci: float = 0.95, seed: 
                     signals: dict[str, str] | None = None) -> pd.DataFrame:
     """Long table: task, missing, model, withheld ('cxr'/'ehr'), metric, label ('macro' or a label; a single-label
     task's label), signal, full (metric as trained), withheld_estimate, drop (full − withheld), ci_low, ci_high,
-    p_value, n_stays, n_seeds."""
-    cache, rows, signals = ResampleCache(n_boot, seed, threads), [], signals or {}
-    for cell in cells.values():
+    p_value, n_stays, n_seeds. ``threads``: cores, spread over the (task, missing) slices."""
+    options = dict(n_boot=n_boot, ci=ci, seed=seed, signals=signals or {})
+    parts = map_slices(partial(_slice_rows, **options), cells, task_settings(cells), threads)
+    return pd.DataFrame([row for rows in parts for row in rows])
+
+
+def _slice_rows(cells: dict, key: tuple[str, str], threads: int, *, n_boot: int, ci: float, seed: int,
+                signals: dict[str, str]) -> list[dict]:
+    """The rows of the fusion cells of one (task, missing) slice."""
+    cache, rows = ResampleCache(n_boot, seed, threads), []
+    for cell in cells_of(cells, *key):
         if not cell.is_fusion or cell.stays(EVAL_SET).size == 0:
             continue
         full = cache.stats(cell, EVAL_SET)
@@ -45,7 +57,7 @@ def imbalance_table(cells: dict, *, n_boot: int = 1000, ci: float = 0.95, seed: 
                                      ci_low=drop[1], ci_high=drop[2],
                                      p_value=float(bootstrap_p_value(as_trained - withheld)),
                                      n_stays=int(cell.stays(EVAL_SET).size), n_seeds=len(cell.runs)))
-    return pd.DataFrame(rows)
+    return rows
 
 
 def _display(table: pd.DataFrame) -> pd.DataFrame:

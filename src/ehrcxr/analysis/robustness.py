@@ -10,11 +10,14 @@
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 
 from ehrcxr.analysis.core import (
-    MACRO, METRICS, ResampleCache, bootstrap_p_value, cells_of, headline, load_cells, missing_rate, task_settings,
+    MACRO, METRICS, ResampleCache, bootstrap_p_value, cells_of, headline, load_cells, map_slices, missing_rate,
+    task_settings,
 )
 from ehrcxr.analysis.publish import empty_figure, format_ci, save_figure, write_table
 from ehrcxr.evaluate.bootstrap import pooled_resample_stats, summarise_resamples
@@ -51,32 +54,43 @@ def _summary_row(base: dict, rates: list[float], curve: np.ndarray, ci: float) -
 
 
 def missingness_in_training(cells: dict, aware: dict[str, bool], *, n_boot=1000, ci=0.95, seed=0, threads=1
-                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                            ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(curve, summary) over the grid's miss<r> cells. curve: task, model, missing_aware, eval_set, rate, metric,
     label, estimate, ci_low, ci_high. summary (macro metric): task, model, missing_aware, eval_set, metric, rates,
-    auc (+CI), drop (+CI, p)."""
+    auc (+CI), drop (+CI, p). ``threads``: cores, spread over the tasks."""
+    tasks = [(task, "miss") for task in sorted({task for task, _ in task_settings(cells)})]
+    options = dict(aware=aware, n_boot=n_boot, ci=ci, seed=seed)
+    return _frames(map_slices(partial(_training_rows, **options), cells, tasks, threads))
+
+
+def _frames(parts: list[tuple[list, list]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return (pd.DataFrame([row for curve, _ in parts for row in curve]),
+            pd.DataFrame([row for _, summary in parts for row in summary]))
+
+
+def _training_rows(cells: dict, key: tuple[str, str], threads: int, *, aware, n_boot, ci, seed
+                   ) -> tuple[list, list]:
+    """Curve and summary rows of one task's miss<r> cells (``key`` = (task, 'miss'))."""
+    task = key[0]
     cache, curve_rows, summary_rows = ResampleCache(n_boot, seed, threads), [], []
-    tasks = sorted({task for task, _ in task_settings(cells)})
-    for task in tasks:
-        settings = [m for t, m in task_settings(cells) if t == task and missing_rate(m) is not None]
-        models = sorted({cell.model for m in settings for cell in cells_of(cells, task, m)})
-        for model in models:
-            series = [(missing_rate(m), cells[task, model, m]) for m in settings if (task, model, m) in cells]
-            if not series:
+    settings = [m for t, m in task_settings(cells) if t == task and missing_rate(m) is not None]
+    models = sorted({cell.model for m in settings for cell in cells_of(cells, task, m)})
+    for model in models:
+        series = [(missing_rate(m), cells[task, model, m]) for m in settings if (task, model, m) in cells]
+        if not series:
+            continue
+        for eval_set in EVAL_SETS:
+            if series[0][1].stays(eval_set).size == 0:
                 continue
-            for eval_set in EVAL_SETS:
-                if series[0][1].stays(eval_set).size == 0:
-                    continue
-                base = dict(task=task, model=model, missing_aware=aware.get(model, False), eval_set=eval_set)
-                stats = [cache.stats(cell, eval_set) for _, cell in series]
-                for (rate, cell), values in zip(series, stats):
-                    curve_rows += _series_rows({**base, "rate": rate}, values, cell.labels, ci)
-                if len(series) > 1:
-                    for metric in METRICS:
-                        curve = np.stack([values[metric][0] for values in stats], axis=1)
-                        summary_rows.append(_summary_row({**base, "metric": metric}, [r for r, _ in series],
-                                                         curve, ci))
-    return pd.DataFrame(curve_rows), pd.DataFrame(summary_rows)
+            base = dict(task=task, model=model, missing_aware=aware.get(model, False), eval_set=eval_set)
+            stats = [cache.stats(cell, eval_set) for _, cell in series]
+            for (rate, cell), values in zip(series, stats):
+                curve_rows += _series_rows({**base, "rate": rate}, values, cell.labels, ci)
+            if len(series) > 1:
+                for metric in METRICS:
+                    curve = np.stack([values[metric][0] for values in stats], axis=1)
+                    summary_rows.append(_summary_row({**base, "metric": metric}, [r for r, _ in series], curve, ci))
+    return curve_rows, summary_rows
 
 
 def withheld_stays(n: int, rate: float, seed: int) -> np.ndarray:
@@ -89,13 +103,20 @@ def withheld_stays(n: int, rate: float, seed: int) -> np.ndarray:
 
 
 def missingness_at_test_time(cells: dict, aware: dict[str, bool], rates, *, n_boot=1000, ci=0.95, seed=0, threads=1
-                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                             ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(curve, summary) of test-time missingness for every cell that reads an X-ray: task, missing (the setting it
     was trained at), model, missing_aware, rate, metric, label, estimate, CI; summary as in
-    :func:`missingness_in_training`."""
-    rates = sorted(float(r) for r in rates)
+    :func:`missingness_in_training`. ``threads``: cores, spread over the (task, missing) slices."""
+    options = dict(aware=aware, rates=sorted(float(r) for r in rates), n_boot=n_boot, ci=ci, seed=seed)
+    return _frames(map_slices(partial(_test_time_rows, **options), cells, task_settings(cells), threads))
+
+
+def _test_time_rows(cells: dict, key: tuple[str, str], threads: int, *, aware, rates, n_boot, ci, seed
+                    ) -> tuple[list, list]:
+    """Curve and summary rows of one (task, missing) slice. At r = 0 and r = 1 the mixed scores are the scores as
+    trained and with the X-ray withheld, whose resample metrics the cache computes once."""
     cache, curve_rows, summary_rows = ResampleCache(n_boot, seed, threads), [], []
-    for cell in cells.values():
+    for cell in cells_of(cells, *key):
         if "cxr" not in cell.modalities or cell.stays(TEST_EVAL_SET).size == 0 or cell.run_missing != cell.missing:
             continue
         n = cell.stays(TEST_EVAL_SET).size
@@ -105,17 +126,20 @@ def missingness_at_test_time(cells: dict, aware: dict[str, bool], rates, *, n_bo
                     eval_set=TEST_EVAL_SET)
         stats = []
         for rate in rates:
-            withheld = withheld_stays(n, rate, seed)[:, None]
-            mixed = [np.where(withheld, p_absent, p_present) for p_present, p_absent in zip(present, absent)]
-            values = dict(zip(METRICS, pooled_resample_stats(cell.labels_of(TEST_EVAL_SET), mixed, METRICS, weights,
-                                                             threads)))
+            withheld = withheld_stays(n, rate, seed)
+            if not withheld.any() or withheld.all():
+                values = cache.stats(cell, TEST_EVAL_SET, "p_nocxr" if withheld.any() else "p")
+            else:
+                mixed = [np.where(withheld[:, None], p_absent, p_present) for p_present, p_absent in zip(present, absent)]
+                values = dict(zip(METRICS, pooled_resample_stats(cell.labels_of(TEST_EVAL_SET), mixed, METRICS,
+                                                                 weights, threads)))
             stats.append(values)
             curve_rows += _series_rows({**base, "rate": rate}, values, cell.labels, ci)
         if len(rates) > 1:
             for metric in METRICS:
                 curve = np.stack([values[metric][0] for values in stats], axis=1)
                 summary_rows.append(_summary_row({**base, "metric": metric}, rates, curve, ci))
-    return pd.DataFrame(curve_rows), pd.DataFrame(summary_rows)
+    return curve_rows, summary_rows
 
 
 def curves_figure(curve: pd.DataFrame, title: str, metric: str = "auroc", panel_by: str = "eval_set"):

@@ -18,7 +18,8 @@ import pandas as pd
 
 from ehrcxr.synthetic.cohort import build_cohort, write_core_tables, write_diagnoses
 from ehrcxr.synthetic.cxr import AVAILABILITY_DESCRIPTION, write_cxr
-from ehrcxr.synthetic.ehr import Physiology, write_chartevents, write_dictionaries, write_labevents
+from ehrcxr.synthetic.ehr import (PULSE_OXIMETRY_DESCRIPTION, Physiology, write_chartevents, write_dictionaries,
+                                  write_labevents)
 from ehrcxr.synthetic.state import (LABELS, MORTALITY_DESCRIPTION, PREVALENCE, SIGNAL_CARRIERS,
                                          SIGNAL_MAP)
 
@@ -29,9 +30,11 @@ __all__ = ["generate", "SIGNAL_MAP", "SIGNAL_CARRIERS", "PREVALENCE", "MORTALITY
 
 def signal_map() -> dict:
     """Content of signal_map.json: label -> "cxr"|"ehr"|"both"|"weak" (phenotypes and "mortality"),
-    plus ``mortality_description`` and ``cxr_availability_description`` (who gets an X-ray)."""
+    plus ``mortality_description``, ``cxr_availability_description`` (who gets an X-ray) and
+    ``pulse_oximetry_description`` (the planted racial bias)."""
     return {**{label: SIGNAL_MAP[label] for label in [*LABELS, "mortality"]},
-            "mortality_description": MORTALITY_DESCRIPTION, "cxr_availability_description": AVAILABILITY_DESCRIPTION}
+            "mortality_description": MORTALITY_DESCRIPTION, "cxr_availability_description": AVAILABILITY_DESCRIPTION,
+            "pulse_oximetry_description": PULSE_OXIMETRY_DESCRIPTION}
 
 
 def generate(out_dir: str | Path, n_stays: int = 6000, seed: int = 0, image_size: int = 128,

@@ -20,6 +20,14 @@ from ehrcxr.synthetic.state import LatentState, sigmoid
 
 CHART_HOURS = 72.0
 PULSE_OXIMETRY_BIAS = {"BLACK": 2.5}  # SpO2 reads this many points above the true saturation
+SPO2_POINTS_PER_SEVERITY = 2.6  # true saturation lost per unit of respiratory-failure severity (above 0.3)
+PULSE_OXIMETRY_DESCRIPTION = (
+    "SpO2 (itemid 220277) reads 2.5 points above the true saturation in BLACK patients (pulse-oximetry bias: "
+    "Sjoding et al., NEJM 2020), and oxygen therapy follows the reading: supplemental oxygen, FiO2 and intubation "
+    "respond to respiratory-failure severity minus 2.5 / 2.6 units in those patients (Fawzy et al., JAMA Intern Med "
+    "2022), so SpO2, FiO2, ventilation (GCS verbal 'intubated', the ET tube on X-rays) all under-show their "
+    "respiratory failure. Labels and the oracle are unchanged: a model sees less of it and should flag it less "
+    "often (a lower TPR for ph_respiratory_failure in BLACK patients).")
 BP_TREND_MMHG_PER_DAY = 6.0  # systolic BP drift per day per unit of the latent bp_trend (a mortality factor)
 VENTILATION_THRESHOLD = 0.6  # respiratory-failure facet + acuity + baseline above this: intubated
 
@@ -169,16 +177,29 @@ class Physiology:
                  + 4 * excess(f("ph_gi_hemorrhage", stay, hours)) + self.baseline["dbp"][stay] + self.noise(len(stay), 6))
         return np.clip(value, 25, 130)
 
+    def oximetry_bias(self, stay):
+        """Points the pulse oximeter adds to the true saturation of each stay row (PULSE_OXIMETRY_BIAS by race)."""
+        bias = np.zeros(len(stay))
+        for group, points in PULSE_OXIMETRY_BIAS.items():
+            bias[self.race_group[stay] == group] = points
+        return bias
+
+    def treated_respiratory_failure(self, stay, hours):
+        """Respiratory-failure severity as the bedside team treats it: judged by the displayed SpO2, so the
+        oximetry bias hides ``bias / SPO2_POINTS_PER_SEVERITY`` of it and oxygen, FiO2 and intubation escalate
+        less (fewer Black patients with occult hypoxaemia get oxygen: Fawzy et al., JAMA Intern Med 2022)."""
+        return self.facet("ph_respiratory_failure", stay, hours) - self.oximetry_bias(stay) / SPO2_POINTS_PER_SEVERITY
+
     def ventilated(self, stay, hours):
-        level = self.facet("ph_respiratory_failure", stay, hours) + 0.5 * self._acuity(stay)
+        level = self.treated_respiratory_failure(stay, hours) + 0.5 * self._acuity(stay)
         return level + self.baseline["vent"][stay] > VENTILATION_THRESHOLD
 
     def on_oxygen(self, stay, hours):
-        level = self.facet("ph_respiratory_failure", stay, hours) + 0.2 * self._acuity(stay)
+        level = self.treated_respiratory_failure(stay, hours) + 0.2 * self._acuity(stay)
         return self.ventilated(stay, hours) | (level + self.baseline["o2"][stay] > -0.1)
 
     def fio2_percent(self, stay, hours):
-        resp = excess(self.facet("ph_respiratory_failure", stay, hours), 0.3)
+        resp = excess(self.treated_respiratory_failure(stay, hours), 0.3)
         vent = self.ventilated(stay, hours)
         n = len(stay)
         invasive = np.clip(np.round((35 + 12 * resp + self.noise(n, 7)) / 5) * 5, 30, 100)
@@ -188,15 +209,12 @@ class Physiology:
 
     def true_saturation(self, stay, hours):
         resp = excess(self.facet("ph_respiratory_failure", stay, hours), 0.3)
-        value = (97.0 - 2.6 * resp + 1.0 * self.on_oxygen(stay, hours) + self.baseline["spo2"][stay]
+        value = (97.0 - SPO2_POINTS_PER_SEVERITY * resp + 1.0 * self.on_oxygen(stay, hours) + self.baseline["spo2"][stay]
                  + self.noise(len(stay), 1.3))
         return np.clip(value, 70, 100)
 
     def pulse_oximetry(self, stay, hours):
-        bias = np.zeros(len(stay))
-        for group, points in PULSE_OXIMETRY_BIAS.items():
-            bias[self.race_group[stay] == group] = points
-        return np.clip(self.true_saturation(stay, hours) + bias, 70, 100)
+        return np.clip(self.true_saturation(stay, hours) + self.oximetry_bias(stay), 70, 100)
 
     def respiratory_rate(self, stay, hours):
         f = self.facet
