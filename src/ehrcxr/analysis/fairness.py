@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from ehrcxr.analysis import core, publish
 from ehrcxr.evaluate.bootstrap import pooled_resample_stats, resample_weights, summarise_resamples
@@ -137,9 +138,12 @@ def threshold_resamples(y: np.ndarray, p_by_seed: list[np.ndarray], thresholds: 
         per_seed["ppv"].append(np.where(undefined, np.nan, _ratio(true_pos, flagged)))
         per_seed["positive_rate"].append(np.where(undefined, np.nan, _ratio(flagged, total)))
         bins = np.minimum((p * ECE_BINS).astype(np.int64), ECE_BINS - 1)  # [0, .1), …, [.9, 1]
-        in_bin = bins[:, :, None] == np.arange(ECE_BINS)  # (n, L, bins)
-        residual_by_bin = ((y - p)[:, :, None] * in_bin).reshape(len(y), n_labels * ECE_BINS)
-        summed = np.abs(weights @ residual_by_bin).reshape(-1, n_labels, ECE_BINS).sum(axis=2)
+        # residual y − p of each stay in column (label, bin): one non-zero per stay and label
+        columns = (np.arange(n_labels) * ECE_BINS + bins).ravel()
+        residual_by_bin = sparse.csr_matrix(((y - p).ravel(), (np.repeat(np.arange(len(y)), n_labels), columns)),
+                                            shape=(len(y), n_labels * ECE_BINS))
+        per_bin = np.asarray((residual_by_bin.T @ weights.T).T)  # (W, L · bins) weighted residual sums
+        summed = np.abs(per_bin).reshape(-1, n_labels, ECE_BINS).sum(axis=2)
         per_seed["ece"].append(_ratio(summed, total))
     out = {}
     for metric, values in per_seed.items():
@@ -256,14 +260,17 @@ def group_rows(results: list[GroupResamples], key: dict, columns: list[str], *, 
         by_attribute.setdefault(result.group.attribute, []).append(result)
     for attribute_results in by_attribute.values():
         reference = attribute_results[reference_group(attribute_results)]
-        for result in attribute_results:
+        summaries = {}
+        for metric in METRICS:  # every group of the attribute at once: values and differences (W, G, K)
+            values = np.stack([result.values[metric] for result in attribute_results], axis=1)
+            difference = values - reference.values[metric][:, None, :]
+            summaries[metric] = (summarise_resamples(values, ci), summarise_resamples(difference, ci),
+                                 core.bootstrap_p_value(difference))
+        for g, result in enumerate(attribute_results):
             for metric in METRICS:
-                summary = summarise_resamples(result.values[metric], ci)  # (K, 3)
+                summary, difference_summary, difference_p = (part[g] for part in summaries[metric])
                 suppressed = _suppressed(result, metric, min_stays)
                 hidden = suppressed | _suppressed(reference, metric, min_stays)
-                difference = result.values[metric] - reference.values[metric]
-                difference_summary = summarise_resamples(difference, ci)
-                difference_p = core.bootstrap_p_value(difference)
                 for k, label in enumerate(columns):
                     estimate, low, high = (np.nan, np.nan, np.nan) if suppressed[k] else summary[k]
                     compared = not hidden[k] and result is not reference
