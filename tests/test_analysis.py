@@ -12,6 +12,7 @@ from ehrcxr.analysis.core import benjamini_hochberg, bootstrap_p_value, load_cel
 from ehrcxr.analysis.fusion_gain import fusion_gain_table, run_fusion_gain
 from ehrcxr.analysis.imbalance import imbalance_table
 from ehrcxr.analysis.robustness import missingness_at_test_time, missingness_in_training, withheld_stays
+from ehrcxr.analysis.publish import latex_table, write_table
 from ehrcxr.evaluate.bootstrap import resample_weights
 
 LABELS = ["ph_a", "ph_b", "ph_c"]
@@ -223,3 +224,25 @@ def test_slices_in_parallel_processes_give_the_serial_tables(grid):
         serial, parallel = table(1), table(2)
         assert set(serial["missing"]) == {"natural", "miss0.5"}
         pd.testing.assert_frame_equal(serial, parallel)
+
+
+def test_published_table_formats(tmp_path):
+    long = pd.DataFrame({"model": ["late_fusion", "a&b"], "estimate": [0.8125, np.nan], "n": pd.array([12, None],
+                         dtype="Int64"), "suppressed": [False, True], "group": ["50% / x_y", "{#$~^\\}"]})
+    write_table(long, tmp_path / "t", title="Gap_x & y", notes=["note"])
+    csv = (tmp_path / "t.csv").read_text().splitlines()
+    assert csv == ['"model","estimate","n","suppressed","group"', '"late_fusion",0.8125,12,false,"50% / x_y"',
+                   '"a&b",,,true,"{#$~^\\}"']
+    back = pd.read_csv(tmp_path / "t.csv")
+    assert back["suppressed"].tolist() == [False, True] and back["group"].tolist() == ["50% / x_y", "{#$~^\\}"]
+    assert np.isnan(back.loc[1, "estimate"]) and back.loc[0, "n"] == 12 and np.isnan(back.loc[1, "n"])
+    tex = (tmp_path / "t.tex").read_text().splitlines()
+    assert tex[:5] == ["\\begin{table}", "\\caption{Gap\\_x \\& y}\\label{tab:t}", "\\begin{tabular}{lrrll}",
+                       "\\toprule", "model & estimate & n & suppressed & group \\\\"]
+    assert tex[6] == "late\\_fusion & 0.8125 & 12 & False & 50\\% / x\\_y \\\\"
+    assert tex[7] == ("a\\&b &  &  & True & \\{\\#\\$\\textasciitilde{}\\textasciicircum{}\\textbackslash{}\\} \\\\")
+    assert tex[-3:] == ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    many = pd.DataFrame({"x": np.arange(41)})
+    long_tex = latex_table(many, caption="c", label="tab:c").splitlines()
+    assert long_tex[0] == "\\begin{longtable}{r}" and long_tex[-1] == "\\end{longtable}"
+    assert "\\endhead" in long_tex and sum(line.endswith("\\\\") and line[0].isdigit() for line in long_tex) == 41

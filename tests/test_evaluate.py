@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ehrcxr.evaluate.aggregate import COLUMNS, aggregate_runs, rerun_command, run_aggregate
 from ehrcxr.evaluate.bootstrap import (
-    bootstrap_ci, bootstrap_metrics, resample_counts, weighted_auprc, weighted_auroc,
+    bootstrap_ci, bootstrap_metrics, resample_counts, summarise_resamples, weighted_auprc, weighted_auroc,
 )
 from ehrcxr.evaluate.metrics import auprc, auroc, macro
 from ehrcxr.resources import phenotype_labels
@@ -105,6 +106,34 @@ def test_bootstrap_ci_equals_slow_sklearn_loop(metric):
     p_by_seed = [_tied_scores(rng, (n, 3)) for _ in range(2)]
     got = bootstrap_ci(y, p_by_seed, metric, n_boot=60, ci=0.9, seed=7)
     np.testing.assert_allclose(got, _slow_bootstrap(y, p_by_seed, metric, 60, 0.9, 7), atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 16, 17, 250])
+def test_running_sums_equal_cumsum(n):
+    from ehrcxr.evaluate.bootstrap import _running_sums
+
+    w = np.random.default_rng(n).integers(0, 4, (n, 5)).astype(np.int32)
+    got = _running_sums(w)
+    assert got.shape == (n + 1, 5) and got.dtype == np.int32 and not got[0].any()
+    np.testing.assert_array_equal(got[1:], np.cumsum(w, axis=0))
+
+
+@pytest.mark.parametrize("n_rows", [3, 6, 1001])
+def test_summarise_resamples_equals_nanpercentile(n_rows):
+    rng = np.random.default_rng(n_rows)
+    values = rng.normal(size=(n_rows, 4, 3))
+    values[1:, 1, 0] = np.nan  # no finite resample: CI undefined
+    values[1::3, 2, 1] = np.nan  # some resamples undefined: the percentile of the others
+    values[2, 3, 2] = np.inf  # an infinite value counts as undefined
+    got = summarise_resamples(values, ci=0.9)
+    rest = np.where(np.isfinite(values[1:]), values[1:], np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the all-NaN column
+        expected = np.nanpercentile(rest, [5, 95], axis=0)
+    np.testing.assert_array_equal(got[..., 0], values[0])
+    np.testing.assert_allclose(got[..., 1], expected[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got[..., 2], expected[1], rtol=0, atol=1e-12)
+    assert np.isnan(got[1, 0, 1:]).all() and np.isfinite(got[2, 1, 1:]).all()
 
 
 def test_seed_pooling_averages_seed_estimates():

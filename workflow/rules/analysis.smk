@@ -1,7 +1,7 @@
 # The report's analyses: each reads every cell's per-stay predictions (val + test, as trained and with one modality
 # withheld) and writes its tables (CSV, Markdown, LaTeX) and figures (PNG, SVG). ANALYSES in common.smk lists them.
-# ANALYSIS_THREADS: cores per analysis job, spread over its (task, missing) slices; a local run gets at most
-# --cores, a SLURM job that many CPUs (override per rule with set-threads in a profile).
+# analysis_threads (common.smk): cores per analysis job, spread over its slices: 16 CPUs per SLURM job, half of
+# --cores on one machine (override per rule with set-threads in a profile). Fairness, the longest, starts first.
 
 
 rule fusion_gain:
@@ -15,7 +15,7 @@ rule fusion_gain:
         f"logs/{DATASET}/analysis/fusion_gain.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/fusion_gain.tsv"
-    threads: ANALYSIS_THREADS
+    threads: analysis_threads
     conda:
         "../../envs/report.yaml"
     script:
@@ -33,7 +33,7 @@ rule modality_imbalance:
         f"logs/{DATASET}/analysis/modality_imbalance.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/modality_imbalance.tsv"
-    threads: ANALYSIS_THREADS
+    threads: analysis_threads
     conda:
         "../../envs/report.yaml"
     script:
@@ -66,7 +66,7 @@ rule robustness:
         f"logs/{DATASET}/analysis/robustness.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/robustness.tsv"
-    threads: ANALYSIS_THREADS
+    threads: analysis_threads
     conda:
         "../../envs/report.yaml"
     script:
@@ -84,7 +84,8 @@ rule fairness:
         f"logs/{DATASET}/analysis/fairness.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/fairness.tsv"
-    threads: ANALYSIS_THREADS
+    threads: analysis_threads
+    priority: 10
     conda:
         "../../envs/report.yaml"
     script:
@@ -102,7 +103,7 @@ rule calibration:
         f"logs/{DATASET}/analysis/calibration.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/calibration.tsv"
-    threads: ANALYSIS_THREADS
+    threads: analysis_threads
     conda:
         "../../envs/report.yaml"
     script:
@@ -120,7 +121,7 @@ rule xray_age:
         f"logs/{DATASET}/analysis/xray_age.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/xray_age.tsv"
-    threads: ANALYSIS_THREADS
+    threads: analysis_threads
     conda:
         "../../envs/report.yaml"
     script:

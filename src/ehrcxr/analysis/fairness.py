@@ -239,9 +239,10 @@ def _suppressed(result: GroupResamples, metric: str, min_stays: int) -> np.ndarr
     return small
 
 
-def _published_count(count: int, min_stays: int):
-    """A count as published: counts under ``min_stays`` are withheld (NA)."""
-    return int(count) if count >= min_stays else pd.NA
+def _published_counts(counts: np.ndarray, min_stays: int) -> pd.api.extensions.ExtensionArray:
+    """Counts as published: those under ``min_stays`` are withheld (NA)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return pd.arrays.IntegerArray(counts, counts < min_stays)
 
 
 def reference_group(results: list[GroupResamples]) -> int:
@@ -250,39 +251,52 @@ def reference_group(results: list[GroupResamples]) -> int:
     return max(range(len(results)), key=lambda index: sizes[index])
 
 
+def _attribute_group_rows(results: list[GroupResamples], key: dict, columns: list[str], *, ci: float,
+                          min_stays: int) -> pd.DataFrame:
+    """The rows of one attribute's groups (group, then metric, then label column), every group and metric summarised
+    in array operations."""
+    n_groups, n_columns = len(results), len(columns)
+    reference = reference_group(results)
+    shape = (n_groups, len(METRICS), n_columns)
+    parts = {name: np.full(shape, np.nan) for name in ("estimate", "ci_low", "ci_high", "difference",
+                                                      "difference_low", "difference_high", "difference_p")}
+    suppressed = np.zeros(shape, dtype=bool)
+    for m, metric in enumerate(METRICS):  # every group at once: values and differences (W, G, K)
+        values = np.stack([result.values[metric] for result in results], axis=1)
+        difference = values - values[:, [reference]]
+        small = np.stack([_suppressed(result, metric, min_stays) for result in results])  # (G, K)
+        compared = ~(small | small[reference])
+        compared[reference] = False
+        summary, difference_summary = summarise_resamples(values, ci), summarise_resamples(difference, ci)
+        for i, name in enumerate(("estimate", "ci_low", "ci_high")):
+            parts[name][:, m] = np.where(small, np.nan, summary[..., i])
+        for i, name in enumerate(("difference", "difference_low", "difference_high")):
+            parts[name][:, m] = np.where(compared, difference_summary[..., i], np.nan)
+        parts["difference_p"][:, m] = np.where(compared, core.bootstrap_p_value(difference), np.nan)
+        suppressed[:, m] = small
+    n_stays = np.repeat([result.n_stays for result in results], len(METRICS) * n_columns)
+    n_positive = np.broadcast_to(np.stack([result.n_positive for result in results])[:, None, :], shape)
+    return pd.DataFrame({
+        **key, "label": np.tile(columns, n_groups * len(METRICS)), "attribute": results[0].group.attribute,
+        "group": np.repeat([result.group.name for result in results], len(METRICS) * n_columns),
+        "metric": np.tile(np.repeat(METRICS, n_columns), n_groups),
+        "estimate": parts["estimate"].ravel(), "ci_low": parts["ci_low"].ravel(), "ci_high": parts["ci_high"].ravel(),
+        "n_stays": _published_counts(n_stays, min_stays),
+        "n_positive": _published_counts(n_positive.ravel(), min_stays), "suppressed": suppressed.ravel(),
+        "reference_group": results[reference].group.name,
+        **{name: parts[name].ravel() for name in ("difference", "difference_low", "difference_high",
+                                                  "difference_p")}}, columns=COLUMNS)
+
+
 def group_rows(results: list[GroupResamples], key: dict, columns: list[str], *, ci: float, min_stays: int
-               ) -> list[dict]:
+               ) -> pd.DataFrame:
     """Long-form rows (estimate, CI, counts, suppressed) of one model's groups, each with its difference to its
     attribute's reference group (:func:`reference_group`) on the same resamples: estimate, CI and bootstrap p."""
-    rows = []
     by_attribute: dict[str, list[GroupResamples]] = {}
     for result in results:
         by_attribute.setdefault(result.group.attribute, []).append(result)
-    for attribute_results in by_attribute.values():
-        reference = attribute_results[reference_group(attribute_results)]
-        summaries = {}
-        for metric in METRICS:  # every group of the attribute at once: values and differences (W, G, K)
-            values = np.stack([result.values[metric] for result in attribute_results], axis=1)
-            difference = values - reference.values[metric][:, None, :]
-            summaries[metric] = (summarise_resamples(values, ci), summarise_resamples(difference, ci),
-                                 core.bootstrap_p_value(difference))
-        for g, result in enumerate(attribute_results):
-            for metric in METRICS:
-                summary, difference_summary, difference_p = (part[g] for part in summaries[metric])
-                suppressed = _suppressed(result, metric, min_stays)
-                hidden = suppressed | _suppressed(reference, metric, min_stays)
-                for k, label in enumerate(columns):
-                    estimate, low, high = (np.nan, np.nan, np.nan) if suppressed[k] else summary[k]
-                    compared = not hidden[k] and result is not reference
-                    d_estimate, d_low, d_high = difference_summary[k] if compared else (np.nan, np.nan, np.nan)
-                    rows.append(dict(**key, label=label, attribute=result.group.attribute, group=result.group.name,
-                                     metric=metric, estimate=estimate, ci_low=low, ci_high=high,
-                                     n_stays=_published_count(result.n_stays, min_stays),
-                                     n_positive=_published_count(result.n_positive[k], min_stays),
-                                     suppressed=bool(suppressed[k]), reference_group=reference.group.name,
-                                     difference=d_estimate, difference_low=d_low, difference_high=d_high,
-                                     difference_p=difference_p[k] if compared else np.nan))
-    return rows
+    return pd.concat([_attribute_group_rows(members, key, columns, ci=ci, min_stays=min_stays)
+                      for members in by_attribute.values()], ignore_index=True)
 
 
 def _spread(values: np.ndarray, included: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -347,34 +361,57 @@ def fusion_effect_rows(fusion_gaps: dict, reference_gaps: dict, reference: str, 
     return rows
 
 
+def _masked_spread(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per row of ``values`` (C, G), max − min over the entries where ``mask``; 0 where fewer than one."""
+    highest = np.where(mask, values, -np.inf).max(axis=1)
+    lowest = np.where(mask, values, np.inf).min(axis=1)
+    return np.where(mask.any(axis=1), highest - lowest, 0.0)
+
+
 def missing_correlation_rows(groups: pd.DataFrame, missing_rates: dict[tuple[str, str], float]) -> list[dict]:
     """Per model, label and metric of ``groups`` (one task and eval set, full-set estimates): Spearman's rho
     between a group's X-ray missing rate and its deficit (group − overall), over the published groups of every
-    attribute except X-ray availability itself."""
-    from scipy.stats import spearmanr
+    attribute except X-ray availability itself; p as ``scipy.stats.spearmanr`` (t distribution, n − 2 degrees of
+    freedom). All (model, label, metric) rows at once: ranks within each row's published groups, then Pearson's r
+    of the ranks."""
+    from scipy.stats import rankdata, t as t_distribution
 
-    rows = []
-    for (model, label, metric), part in groups.groupby(["model", "label", "metric"], sort=False):
-        overall = part.loc[part["attribute"] == OVERALL, "estimate"].iloc[0]
-        scored = part[~part["attribute"].isin([OVERALL, CXR_AVAILABLE]) & np.isfinite(part["estimate"])]
-        rates = np.array([missing_rates[attribute, group] for attribute, group in zip(scored["attribute"],
-                                                                                         scored["group"])])
-        deficits = scored["estimate"].to_numpy() - overall
-        rho, p_value = np.nan, np.nan
-        if len(scored) >= 3 and np.ptp(rates) > 0 and np.ptp(deficits) > 0 and np.isfinite(overall):
-            result = spearmanr(rates, deficits)
-            rho, p_value = float(result.statistic), float(result.pvalue)
-        rows.append(dict(model=model, label=label, metric=metric, rho=rho, p=p_value, n_groups=len(scored)))
-    return rows
+    keys = ["model", "label", "metric"]
+    overall = groups.loc[groups["attribute"] == OVERALL].set_index(keys)["estimate"]
+    scored = groups.loc[~groups["attribute"].isin([OVERALL, CXR_AVAILABLE])]
+    estimates = scored.set_index([*keys, "attribute", "group"])["estimate"].unstack(["attribute", "group"])
+    estimates = estimates.reindex(overall.index)  # (C, G) in the order the rows came
+    rates = np.array([missing_rates[column] for column in estimates.columns], dtype=np.float64)
+    values = estimates.to_numpy(np.float64)
+    published = np.isfinite(values)
+    n_groups = published.sum(axis=1)
+    deficits = values - overall.to_numpy(np.float64)[:, None]
+    usable = np.isfinite(deficits)
+    defined = ((n_groups >= 3) & np.isfinite(overall.to_numpy(np.float64))
+               & (_masked_spread(np.broadcast_to(rates, values.shape), usable) > 0)
+               & (_masked_spread(deficits, usable) > 0))
+    rank_rates = rankdata(np.where(usable, rates, np.nan), axis=1, nan_policy="omit")
+    rank_deficits = rankdata(np.where(usable, deficits, np.nan), axis=1, nan_policy="omit")
+    centred = [np.where(usable, ranks - _mean_of_finite(ranks, axis=1)[:, None], 0.0)
+               for ranks in (rank_rates, rank_deficits)]
+    denominator = np.sqrt((centred[0] ** 2).sum(axis=1) * (centred[1] ** 2).sum(axis=1))
+    rho = np.clip(_ratio((centred[0] * centred[1]).sum(axis=1), denominator), -1.0, 1.0)
+    freedom = np.maximum(n_groups - 2, 1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_statistic = rho * np.sqrt(freedom / ((1.0 + rho) * (1.0 - rho)))
+    p_value = 2.0 * t_distribution.sf(np.abs(t_statistic), freedom)
+    rho, p_value = np.where(defined, rho, np.nan), np.where(defined, p_value, np.nan)
+    return [dict(model=model, label=label, metric=metric, rho=float(rho[c]), p=float(p_value[c]),
+                 n_groups=int(n_groups[c])) for c, (model, label, metric) in enumerate(overall.index)]
 
 
 # --------------------------------------------------------------------------------------------------- the run
 
 @dataclass
 class FairnessTables:
-    """The rows of every table, gathered over tasks and evaluation sets."""
+    """The rows of every table, gathered over tasks and evaluation sets (groups: one frame per task and set)."""
 
-    groups: list
+    groups: list[pd.DataFrame]
     gaps: list
     fusion_effect: list
     missing_correlation: list
@@ -582,8 +619,8 @@ def fairness_tables(cells: dict, stays: pd.DataFrame, stays_path, *, n_boot=1000
         task_cells = core.cells_of(cells, task, missing)
         log.info("fairness: %s %s (%d models)", task, eval_set, len(task_cells))
         parts = [done[task, eval_set, cell.model] for cell in task_cells]
-        set_groups = [row for part in parts for row in part["groups"]]
-        tables.groups += set_groups
+        set_groups = pd.concat([part["groups"] for part in parts], ignore_index=True)
+        tables.groups.append(set_groups)
         tables.gaps += [row for part in parts for row in part["gaps"]]
         tables.fusion_effect += [row for part in parts for row in part["fusion_effect"]]
         if eval_set == "partial_test":
@@ -593,7 +630,7 @@ def fairness_tables(cells: dict, stays: pd.DataFrame, stays_path, *, n_boot=1000
                      for group in make_groups(attributes)}
             tables.missing_correlation += [
                 dict(task=task, missing=missing, eval_set=eval_set, **row)
-                for row in missing_correlation_rows(pd.DataFrame(set_groups), rates)]
+                for row in missing_correlation_rows(set_groups, rates)]
     return tables
 
 
@@ -606,9 +643,8 @@ CORRELATION_COLUMNS = ["task", "missing", "eval_set", "model", "label", "metric"
 
 def _publish(tables: FairnessTables, tables_dir: Path, figures_dir: Path, *, n_boot, ci, seed, min_stays, missing
              ) -> dict[str, pd.DataFrame]:
-    groups = pd.DataFrame(tables.groups, columns=COLUMNS)
-    for column in ("n_stays", "n_positive"):
-        groups[column] = groups[column].astype("Int64")
+    groups = (pd.concat(tables.groups, ignore_index=True) if tables.groups
+              else pd.DataFrame(columns=COLUMNS).astype({"n_stays": "Int64", "n_positive": "Int64"}))
     gaps = pd.DataFrame(tables.gaps, columns=GAP_COLUMNS)
     effect = pd.DataFrame(tables.fusion_effect, columns=FUSION_COLUMNS)
     effect["q"] = np.nan

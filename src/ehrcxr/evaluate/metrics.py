@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 
@@ -41,12 +40,16 @@ def has_both_classes(y) -> bool:
 
 def auroc(y, p) -> float:
     """Area under the ROC curve (``sklearn.metrics.roc_auc_score``); NaN if ``y`` has one class."""
+    from sklearn.metrics import roc_auc_score  # imported on use: scikit-learn takes ~1 s to import
+
     y, p = check_binary_scores(y, p, "auroc")
     return float(roc_auc_score(y, p)) if has_both_classes(y) else float("nan")
 
 
 def auprc(y, p) -> float:
     """Average precision (``sklearn.metrics.average_precision_score``); NaN if ``y`` has one class."""
+    from sklearn.metrics import average_precision_score
+
     y, p = check_binary_scores(y, p, "auprc")
     return float(average_precision_score(y, p)) if has_both_classes(y) else float("nan")
 
