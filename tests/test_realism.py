@@ -12,8 +12,10 @@ import xarray as xr
 import yaml
 
 from ehrcxr import realism
-from ehrcxr.realism import (compare, cxr_measures, hanley_mcneil_interval, mortality_measures, phenotype_measures,
-                            profile_dataset, signal_aurocs, stay_summaries, variable_measures, wilson_interval)
+from ehrcxr.realism import (compare, cxr_measures, ddl_cxr_measures, hanley_mcneil_interval, mortality_measures,
+                            phenotype_measures, profile_dataset, signal_aurocs, stay_summaries, variable_measures,
+                            wilson_interval)
+from ehrcxr.resources import CHEXPERT_LABELS
 from ehrcxr.resources import phenotype_labels
 from ehrcxr.synthetic import generate
 from ehrcxr.synthetic.state import SIGNAL_MAP
@@ -35,6 +37,7 @@ def stays() -> pd.DataFrame:
         "race": ["WHITE", "BLACK", "WHITE", "WHITE", "BLACK", "WHITE"], "gender": ["F", "M", "M", "F", "F", "M"],
         "cxr_dicom_id": ["a", None, "b", "c", None, "d"]})
     frame["in_mortality_task"] = frame["los_hours"] >= 48
+    frame["split"] = "train"
     for label in phenotype_labels():
         frame[label] = np.int8(0)
     frame.loc[frame["stay_id"].isin([3, 4]), "ph_respiratory_failure"] = 1
@@ -190,10 +193,39 @@ def test_profile_dataset_reads_the_pipeline_outputs(monkeypatch, tmp_path, stays
     aurocs = values(without_images, "signal_auroc")
     assert aurocs["ph_respiratory_failure ~ mean Heart Rate"] == 0.5  # every stay's mean is 80
     assert aurocs["mortality ~ mean Heart Rate"] == 0.0  # stay 4 (died): mean 75 vs stay 3: 230 / 3
-    pd.DataFrame({"dicom_id": ["a"]}).to_parquet(tmp_path / "cohort" / "cxr_studies.parquet")
+    cxr_studies([(3, "AP", -10.0), (3, "AP", 20.0), (4, "AP", 30.0)]).to_parquet(
+        tmp_path / "cohort" / "cxr_studies.parquet")
     with_images = profile_dataset(tmp_path / "cohort", tmp_path / "ehr")
     assert values(with_images, "cxr_paired_share") == {"": pytest.approx(4 / 6)}
+    # stay 3's films are 30 h apart, but its EHR has 2 observed hours in between (6 needed): no pair
+    assert values(with_images, "ddl_pairs_per_stay") == {"": 0.0}
+    assert values(with_images, "xray_age_median") == {"": 23.0}  # ages 28 (stay 3) and 18 (stay 4)
     assert list(with_images.columns) == realism.PROFILE_COLUMNS
+
+
+def cxr_studies(films: list[tuple[int, str, float]]) -> pd.DataFrame:
+    """cxr_studies.parquet rows of (stay_id, view, hours from intime) films, one study each."""
+    frame = pd.DataFrame(films, columns=["stay_id", "view_position", "hours_from_intime"])
+    frame["subject_id"] = frame["stay_id"] * 10
+    frame["study_id"] = np.arange(len(frame)) + 100
+    frame["dicom_id"] = "d" + frame["study_id"].astype(str)
+    frame["path"] = frame["dicom_id"] + ".jpg"
+    for label in CHEXPERT_LABELS:
+        frame[label] = 0.0
+    return frame
+
+
+def test_ddl_cxr_measures_count_pairs_and_ages_over_prediction_stays(stays):
+    films = cxr_studies([(3, "AP", -10.0), (3, "AP", 5.0), (3, "AP", 30.0), (4, "AP", 10.0),
+                         (1, "AP", 0.0), (1, "AP", 20.0),  # stay 1 is outside the mortality task
+                         (5, "PA", 10.0)])  # not AP: stay 5 is no prediction stay
+    phenotyping = make_tensor(stays["stay_id"], [48] * 6, {"Heart Rate": np.full((6, 48), 80.0)})
+    profile = ddl_cxr_measures(stays, films, phenotyping)
+    # prediction stays 3 and 4; stay 3's pairs: (-10, 5) 15 h apart with bins 0-5 observed, (-10, 30), (5, 30)
+    assert values(profile, "ddl_pairs_per_stay") == {"": 1.5}
+    assert values(profile, "ddl_stays_with_pairs") == {"": 0.5}
+    assert values(profile, "xray_age_median") == {"": 28.0}  # ages 18 (stay 3) and 38 (stay 4)
+    assert profile.loc[profile["family"] == "xray_age_median", "detail"].item() == "IQR 23.0-33.0 h"
 
 
 def profile_rows(*rows) -> pd.DataFrame:

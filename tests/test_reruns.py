@@ -156,7 +156,7 @@ def test_cohort_setting_reruns_everything_after_synthesis(workdir):
     config["cohort"]["min_age"] = 19
     jobs, cells = planned(workdir, config)
     assert jobs == {"cohort": 1, "ehr_tensor": 1, "cxr_cache": 1, "pretrain_cxr": 1, "cxr_features": 1,
-                    "pretrain_ehr": 1, "train": 4, "aggregate": 1, "all": 1}
+                    "pretrain_ehr": 1, "train": 4, "aggregate": 1, "ddl_pairs": 1, "all": 1}
     assert cells == set(CELLS.values())
 
 

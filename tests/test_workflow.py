@@ -189,6 +189,16 @@ def test_whole_grid_runs_to_the_tables(workdir):
                  "ehr/phenotyping/medfuse/history.csv", "cxr_resnet18_features.npy"):
         assert (pretrain / path).is_file(), path
     assert "read from" in (workdir / "logs/synthetic/train/phenotyping/late_fusion/natural/seed1.log").read_text()
+    # DDL-CXR's pairs: within a stay (so within a subject and a split), by the config's rules, counts in the log
+    pairs = pd.read_parquet(workdir / "results/synthetic/ddl_cxr/pairs.parquet")
+    prediction = pd.read_parquet(workdir / "results/synthetic/ddl_cxr/prediction_x0.parquet")
+    stays = pd.read_parquet(workdir / "results/synthetic/cohort/stays.parquet").set_index("stay_id")
+    assert len(pairs) > 0 and (pairs["gap_hours"] > 12).all() and (pairs["ehr_bins"] >= 6).all()
+    assert (pairs["split"].to_numpy() == stays.loc[pairs["stay_id"], "split"].to_numpy()).all()
+    assert (pairs["subject_id"].to_numpy() == stays.loc[pairs["stay_id"], "subject_id"].to_numpy()).all()
+    assert prediction["x0_age_hours"].between(0, 72).all() and prediction["stay_id"].is_unique
+    pairs_log = (workdir / "logs/synthetic/ddl_pairs.log").read_text()
+    assert f"'train': {int((pairs['split'] == 'train').sum())}" in pairs_log
     assert set(macro["eval_set"]) == {"paired_test", "partial_test"}
     # the generator's oracle holds true probabilities of the binary labels, not of the length-of-stay classes
     assert set(table.loc[table["model"] == "oracle", "task"]) == {"phenotyping"}

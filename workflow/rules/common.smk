@@ -102,8 +102,16 @@ def grid_runs():
     ]
 
 
+def ddl_pairs_tensor(wildcards):
+    """The EHR tensor whose observed hours the DDL-CXR pairs count: phenotyping's (every cohort stay) when the grid
+    has it, else the first task's (no extra tensor is built for the pairs)."""
+    task = "phenotyping" if "phenotyping" in config["tasks"] else tensor_task(config["tasks"][0])
+    return f"{RESULTS}/ehr/{task}.nc"
+
+
 def final_outputs():
-    return [f"{RESULTS}/tables/main_results.csv", f"{RESULTS}/tables/main_results.md"] + analysis_outputs()
+    ddl_pairs = [f"{RESULTS}/ddl_cxr/pairs.parquet"] if HAS_CXR else []  # DDL-CXR needs X-rays
+    return [f"{RESULTS}/tables/main_results.csv", f"{RESULTS}/tables/main_results.md"] + analysis_outputs() + ddl_pairs
 
 
 # The report's analyses: rule name -> (tables, figures) it writes under tables/ and figures/ (rules/analysis.smk).
@@ -126,7 +134,7 @@ ANALYSIS_CLUSTER_THREADS = 16  # an analysis job's cores on a cluster (benchmark
 def analysis_threads(wildcards):
     """Cores of an analysis job: 16 on a cluster; on one machine half of --cores (at least 1), so that two analyses
     run side by side and the serial parts of one (start-up, reading the cells, writing tables and figures) overlap
-    the slices of the other. Demo on 2 cores: all analyses in 48 s, against 65 s when each took both cores in turn."""
+    the slices of the other. Demo on 2 cores: all analyses in 38 s, against 65 s when each took both cores in turn."""
     if not workflow.local_exec:
         return ANALYSIS_CLUSTER_THREADS
     return max(1, min(ANALYSIS_CLUSTER_THREADS, workflow.cores // 2))

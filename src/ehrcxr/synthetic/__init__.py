@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from ehrcxr.synthetic.cohort import build_cohort, write_core_tables, write_diagnoses
-from ehrcxr.synthetic.cxr import AVAILABILITY_DESCRIPTION, write_cxr
+from ehrcxr.synthetic.cxr import (AVAILABILITY_DESCRIPTION, SERIAL_FILMS_DESCRIPTION, XRAY_TIMING_DESCRIPTION,
+                                  write_cxr)
 from ehrcxr.synthetic.ehr import (PULSE_OXIMETRY_DESCRIPTION, Physiology, write_chartevents, write_dictionaries,
                                   write_labevents)
 from ehrcxr.synthetic.state import (LABELS, MORTALITY_DESCRIPTION, PREVALENCE, SIGNAL_CARRIERS,
@@ -31,10 +32,12 @@ __all__ = ["generate", "SIGNAL_MAP", "SIGNAL_CARRIERS", "PREVALENCE", "MORTALITY
 def signal_map() -> dict:
     """Content of signal_map.json: label -> "cxr"|"ehr"|"both"|"weak" (phenotypes and "mortality"),
     plus ``mortality_description``, ``cxr_availability_description`` (who gets an X-ray) and
-    ``pulse_oximetry_description`` (the planted racial bias)."""
+    ``pulse_oximetry_description`` (the planted racial bias), ``serial_films_description`` (daily films) and
+    ``xray_timing_description`` (what a film at hour t shows against one at t0 < t)."""
     return {**{label: SIGNAL_MAP[label] for label in [*LABELS, "mortality"]},
             "mortality_description": MORTALITY_DESCRIPTION, "cxr_availability_description": AVAILABILITY_DESCRIPTION,
-            "pulse_oximetry_description": PULSE_OXIMETRY_DESCRIPTION}
+            "pulse_oximetry_description": PULSE_OXIMETRY_DESCRIPTION,
+            "serial_films_description": SERIAL_FILMS_DESCRIPTION, "xray_timing_description": XRAY_TIMING_DESCRIPTION}
 
 
 def generate(out_dir: str | Path, n_stays: int = 6000, seed: int = 0, image_size: int = 128,

@@ -208,6 +208,32 @@ AVAILABILITY_DESCRIPTION = (
     "(real MIMIC-IV + MIMIC-CXR: 26.5%, CareBench). Sicker, respiratory and cardiac patients are imaged more: the "
     "X-ray is missing not at random, unlike the miss<r> settings.")
 
+# Repeat films of the stays with a paired image (an AP image in the first 48 h), calibrated to DDL-CXR's cohort
+# (Chenliu-svg/DDL-CXR data_pre/: 1.64 pairs per prediction stay, 57% of them with a pair; X-ray age at 48 h median
+# 21.2 h, IQR 10.3-43.5 h): a film in the emergency department or ward before ICU admission, and for the sickest (on a
+# ventilator, high acuity) a portable AP film every ICU morning. Who has a paired image does not change.
+SERIAL_INTERCEPT = -2.5
+SERIAL_ACUITY = 0.8
+SERIAL_VENTILATED = 1.5
+SERIAL_DAYS = 3.0            # films on the mornings of the first 72 ICU hours
+SERIAL_ROUND_HOURS = (5.0, 8.0)  # clock time of the morning film
+PRE_ICU_FILM_CHANCE = 0.55
+PRE_ICU_FILM_HOURS = (2.0, 24.0)  # hours before intime
+SERIAL_FILMS_DESCRIPTION = (
+    f"Repeat films of a stay with an AP image in its first 48 h: with probability {PRE_ICU_FILM_CHANCE:g} an AP film "
+    f"{PRE_ICU_FILM_HOURS[0]:g}-{PRE_ICU_FILM_HOURS[1]:g} h before ICU admission (emergency department or ward), and "
+    f"with probability sigmoid({SERIAL_INTERCEPT:g} + {SERIAL_ACUITY:g} acuity + {SERIAL_VENTILATED:g} ventilated at "
+    f"hour 12) a portable AP film every ICU morning (clock {SERIAL_ROUND_HOURS[0]:g}-{SERIAL_ROUND_HOURS[1]:g} h, "
+    f"fixed per stay) in the first {24 * SERIAL_DAYS:g} h. Calibrated to DDL-CXR's cohort: 1.64 pairs (x0, x1 more "
+    "than 12 h apart in [intime - 24 h, intime + 48 h]) per prediction stay and a median X-ray age at 48 h of 21 h.")
+XRAY_TIMING_DESCRIPTION = (
+    "An X-ray shows the state at its own acquisition time t: every acute severity drifts linearly in time (slope "
+    "per day ~ N(0, 0.35), chronic ones do not), so a film at hour t differs from one at t0 < t by (t - t0) times "
+    "the drift of each visible finding (heart width, edema, consolidation, opacities, effusion, pneumothorax, "
+    "hyperinflation), and devices follow the state at t (ET tube while ventilated, central line with shock, PICC "
+    "with sepsis). The EHR of [t0, t1] carries the same drifting severities (its EHR facets), so it tells how the "
+    "picture changed. Labels (oracle.parquet) stay the admission's label truth, not any film's.")
+
 
 def imaging_score(cohort: Cohort, physiology: Physiology) -> np.ndarray:
     """Per stay, the logit of being imaged without its intercept (see AVAILABILITY_DESCRIPTION)."""
@@ -220,6 +246,30 @@ def imaging_score(cohort: Cohort, physiology: Physiology) -> np.ndarray:
         score = score + weight * state.total(label, admission, at_day_one)
     score = score + IMAGING_LOS * np.clip(np.log(los / PAIRING_WINDOW_HOURS), -1.5, 1.5)
     return score + np.array([CXR_AVAILABILITY_OFFSET[g] for g in physiology.race_group])
+
+
+def repeat_films(cohort: Cohort, physiology: Physiology, eligible: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(stay, hours from intime) of the repeat AP films (pre-ICU and serial morning films, SERIAL_FILMS_DESCRIPTION)
+    of the ``eligible`` stays."""
+    stays = cohort.stays
+    n = len(stays)
+    admission = stays["admission_row"].to_numpy()
+    ventilated = physiology.ventilated(np.arange(n), np.full(n, 12.0)).astype(float)
+    chance = st.sigmoid(SERIAL_INTERCEPT + SERIAL_ACUITY * cohort.state.acuity[admission]
+                        + SERIAL_VENTILATED * ventilated)
+    serial = eligible & (rng.random(n) < chance)
+    round_clock = rng.uniform(*SERIAL_ROUND_HOURS, n)
+    intime_clock = (stays["intime"].to_numpy() % (24 * HOUR)) / HOUR
+    first = (round_clock - intime_clock) % 24.0  # the first morning round after intime
+    los = (stays["outtime"] - stays["intime"]).to_numpy() / HOUR
+    days = np.arange(int(np.ceil(SERIAL_DAYS)))
+    hours = first[:, None] + 24.0 * days[None, :] + rng.normal(0.0, 0.3, (n, days.size))
+    taken = serial[:, None] & (hours < np.minimum(los, 24.0 * SERIAL_DAYS)[:, None]) & (hours > 0)
+    stay_index = np.broadcast_to(np.arange(n)[:, None], hours.shape)
+    pre_icu = eligible & (rng.random(n) < PRE_ICU_FILM_CHANCE)
+    pre_hours = -rng.uniform(*PRE_ICU_FILM_HOURS, n)
+    return np.r_[stay_index[taken], np.flatnonzero(pre_icu)], np.r_[hours[taken], pre_hours[pre_icu]]
 
 
 def draw_studies(cohort: Cohort, physiology: Physiology, rng: np.random.Generator,
@@ -262,7 +312,10 @@ def draw_studies(cohort: Cohort, physiology: Physiology, rng: np.random.Generato
     intercept = st.solve_intercepts(score[would_pair][:, None], np.array([paired_share * n / candidates]))[0]
     imaged = rng.random(n) < st.sigmoid(score + intercept)
     keep = imaged[stay]
-    studies = pd.DataFrame({"stay": stay[keep], "hours": hours[keep], "kind": study_kind[keep]})
+    repeat_stay, repeat_hours = repeat_films(cohort, physiology, imaged & would_pair, rng)
+    studies = pd.DataFrame({"stay": np.r_[stay[keep], repeat_stay], "hours": np.r_[hours[keep], repeat_hours],
+                            "kind": np.r_[study_kind[keep], np.zeros(len(repeat_stay), dtype=study_kind.dtype)]})
+    studies = studies.sort_values(["stay", "hours"], kind="stable").reset_index(drop=True)
     studies["study_id"] = rng.permutation(sio.unique_ids(rng, len(studies), 50_000_000, 60_000_000))
     studies["ms"] = rng.integers(0, 1000, len(studies))
     n_images = IMAGES_PER_STUDY[studies["kind"].to_numpy()]
