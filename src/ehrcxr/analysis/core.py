@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,6 +219,13 @@ def _run_slice(job):
     function, key = job
     with threadpool_limits(1):  # one core per worker: BLAS (the weight-matrix products) must not spread wider
         return function(_FORKED_CELLS, key, 1)
+
+
+def slice_table(slice_rows, cells: dict, threads: int = 1, **options) -> pd.DataFrame:
+    """One long table of the row dicts ``slice_rows(cells, (task, missing), threads, **options)`` returns for every
+    (task, missing) slice of ``cells``, the slices spread over ``threads`` cores (:func:`map_slices`)."""
+    parts = map_slices(partial(slice_rows, **options), cells, task_settings(cells), threads)
+    return pd.DataFrame([row for rows in parts for row in rows])
 
 
 def map_slices(function, cells: dict, keys: list, threads: int = 1) -> list:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pandas as pd
 
 from ehrcxr.analysis.core import (
     MACRO, METRICS, Cell, ResampleCache, benjamini_hochberg, best_by_validation, bootstrap_p_value, cells_of,
-    eval_sets_of, load_cells, map_slices, task_settings,
+    eval_sets_of, load_cells, slice_table,
 )
 from ehrcxr.analysis.publish import empty_figure, format_ci, format_p, save_figure, write_table
 from ehrcxr.evaluate.bootstrap import summarise_resamples
@@ -89,10 +88,8 @@ def fusion_gain_table(cells: dict, *, n_boot: int = 1000, ci: float = 0.95, seed
     ('macro', a label, or 'class:<signal>' = the mean over the labels of a planted signal class), signal, gain,
     ci_low, ci_high, p_value, q_value (BH over the labels of one model, reference, metric, eval set and setting;
     empty for the macro row), fusion_estimate, reference_estimate, n_stays, n_positive, n_seeds. ``threads``:
-    cores, spread over the (task, missing) slices (:func:`~ehrcxr.analysis.core.map_slices`)."""
-    options = dict(n_boot=n_boot, ci=ci, seed=seed, signals=signals or {})
-    parts = map_slices(partial(_slice_rows, **options), cells, task_settings(cells), threads)
-    return pd.DataFrame([row for rows in parts for row in rows])
+    cores, spread over the (task, missing) slices (:func:`~ehrcxr.analysis.core.slice_table`)."""
+    return slice_table(_slice_rows, cells, threads, n_boot=n_boot, ci=ci, seed=seed, signals=signals or {})
 
 
 def _slice_rows(cells: dict, key: tuple[str, str], threads: int, *, n_boot: int, ci: float, seed: int,

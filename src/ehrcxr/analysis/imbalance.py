@@ -8,13 +8,12 @@ Withheld EHR: every EHR channel 0 — normalised values at their training mean, 
 """
 from __future__ import annotations
 
-from functools import partial
 
 import numpy as np
 import pandas as pd
 
 from ehrcxr.analysis.core import (
-    MACRO, METRICS, ResampleCache, bootstrap_p_value, cells_of, headline, load_cells, map_slices, task_settings,
+    MACRO, METRICS, ResampleCache, bootstrap_p_value, cells_of, headline, load_cells, slice_table,
 )
 from ehrcxr.analysis.fusion_gain import read_signal_map
 from ehrcxr.analysis.publish import empty_figure, format_ci, format_p, save_figure, write_table
@@ -29,9 +28,7 @@ def imbalance_table(cells: dict, *, n_boot: int = 1000, ci: float = 0.95, seed: 
     """Long table: task, missing, model, withheld ('cxr'/'ehr'), metric, label ('macro' or a label; a single-label
     task's label), signal, full (metric as trained), withheld_estimate, drop (full − withheld), ci_low, ci_high,
     p_value, n_stays, n_seeds. ``threads``: cores, spread over the (task, missing) slices."""
-    options = dict(n_boot=n_boot, ci=ci, seed=seed, signals=signals or {})
-    parts = map_slices(partial(_slice_rows, **options), cells, task_settings(cells), threads)
-    return pd.DataFrame([row for rows in parts for row in rows])
+    return slice_table(_slice_rows, cells, threads, n_boot=n_boot, ci=ci, seed=seed, signals=signals or {})
 
 
 def _slice_rows(cells: dict, key: tuple[str, str], threads: int, *, n_boot: int, ci: float, seed: int,
