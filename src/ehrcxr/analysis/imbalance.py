@@ -8,7 +8,6 @@ Withheld EHR: every EHR channel 0 — normalised values at their training mean, 
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 

@@ -228,7 +228,7 @@ SERIAL_FILMS_DESCRIPTION = (
     "than 12 h apart in [intime - 24 h, intime + 48 h]) per prediction stay and a median X-ray age at 48 h of 21 h.")
 XRAY_TIMING_DESCRIPTION = (
     "An X-ray shows the state at its own acquisition time t: every acute severity drifts linearly in time (slope "
-    "per day ~ N(0, 0.35), chronic ones do not), so a film at hour t differs from one at t0 < t by (t - t0) times "
+    f"per day ~ N(0, {st.ACUTE_SLOPE_SD:g}), chronic ones do not), so a film at hour t differs from one at t0 < t by (t - t0) times "
     "the drift of each visible finding (heart width, edema, consolidation, opacities, effusion, pneumothorax, "
     "hyperinflation), and devices follow the state at t (ET tube while ventilated, central line with shock, PICC "
     "with sepsis). The EHR of [t0, t1] carries the same drifting severities (its EHR facets), so it tells how the "
