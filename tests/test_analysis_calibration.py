@@ -223,6 +223,40 @@ def test_xray_age_strata_and_auroc_equal_sklearn(age_grid):
         assert (root / "figures" / f"xray_age{suffix}").stat().st_size > 0
 
 
+def test_xray_age_gain_is_the_paired_difference_per_stratum(age_grid):
+    root, grid = age_grid
+    tables = run_xray_age(grid["dirs"], root / "stays.parquet", {"steady": ["ehr", "cxr"], "fading": ["ehr", "cxr"]},
+                          root / "gain_tables", root / "gain_figures", n_boot=N_BOOT, seed=2,
+                          contrasts=[("steady", "fading"), ("fading", "absent_model")])
+    gain = tables["xray_age_gain"]
+    assert set(zip(gain["model"], gain["reference"])) == {("steady", "fading")}  # a contrast needs both models
+    auroc = gain[gain["metric"] == "auroc"].set_index("stratum")
+    # the suppressed stratum has no gain row; the others hold the difference of the two models' estimates
+    assert auroc.index.tolist() == ["[0, 12) h", "[12, 24) h", "[36, 48] h"]
+    estimates = tables["xray_age"][tables["xray_age"]["metric"] == "auroc"].set_index(["model", "stratum"])["estimate"]
+    for name in auroc.index:
+        assert auroc.loc[name, "gain"] == pytest.approx(estimates["steady", name] - estimates["fading", name])
+    # the oldest stratum's CI: percentiles of the per-resample differences, scored independently (Mann-Whitney)
+    stratum = np.repeat(list(AGE_COUNTS), list(AGE_COUNTS.values()))
+    members = np.flatnonzero(stratum == 3)
+    differences = []
+    for row in resample_weights(N_PAIRED, N_BOOT, 2)[1:, members].astype(int):
+        idx = np.repeat(members, row)
+        by_model = []
+        for model in ("steady", "fading"):
+            y, seeds = grid[model, "paired_test"]
+            by_model.append(np.mean([np.mean([mann_whitney_auroc(y[idx, j], p[idx, j]) for j in range(2)
+                                              if 0 < y[idx, j].sum() < idx.size]) for p in seeds]))
+        differences.append(by_model[0] - by_model[1])
+    oldest = auroc.loc["[36, 48] h"]
+    assert (oldest["ci_low"], oldest["ci_high"]) == pytest.approx(tuple(np.percentile(differences, [2.5, 97.5])))
+    assert oldest["ci_low"] > 0 and oldest["p_value"] < 0.05  # 'fading' loses its signal for old X-rays only
+    assert auroc.loc["[0, 12) h", "ci_low"] < 0 < auroc.loc["[0, 12) h", "ci_high"]
+    assert "steady" in (root / "gain_tables" / "xray_age_gain.md").read_text()
+    for suffix in (".png", ".svg"):
+        assert (root / "gain_figures" / f"xray_age_gain{suffix}").stat().st_size > 0
+
+
 @pytest.mark.parametrize("case, match", [
     ("no_column", r"stays_bad\.parquet: missing column 'cxr_hours'"),
     ("absent_stay", r"no row for stay_id 2007"),

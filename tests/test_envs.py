@@ -22,7 +22,7 @@ IMPORT_PACKAGES: dict[str, tuple[str, ...]] = {
     "numpy": ("numpy",), "pandas": ("pandas",), "pyarrow": ("pyarrow",), "xarray": ("xarray",),
     "h5netcdf": ("h5netcdf",), "scipy": ("scipy",), "matplotlib": ("matplotlib",), "tabulate": ("tabulate",),
     "sklearn": ("scikit-learn",), "PIL": ("pillow",), "yaml": ("pyyaml",), "threadpoolctl": ("threadpoolctl",),
-    "torch": ("pytorch-gpu", "pytorch", "pytorch-cpu"), "torchvision": ("torchvision",),
+    "torch": ("pytorch-gpu", "pytorch", "pytorch-cpu"), "torchvision": ("torchvision",), "diffusers": ("diffusers",),
 }
 # packages named only by a string: the engine="..." keyword of xarray / pandas readers and writers
 ENGINE_PACKAGES = {"h5netcdf": "h5netcdf", "pyarrow": "pyarrow"}

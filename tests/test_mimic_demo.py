@@ -377,7 +377,7 @@ def test_mimic_models_accept_their_params():
     config = yaml.safe_load((REPO / "config" / "mimic.yaml").read_text())
     cxr = {**config["cxr"], "weights": None}  # no ImageNet download in tests
     for name, entry in config["models"].items():
-        model = create_model(name, n_labels=25, ehr_features=76,
+        model = create_model(entry.get("architecture", name), n_labels=25, ehr_features=76,
                              cxr=cxr if "cxr" in entry["modalities"] else None, **entry["params"])
         assert sum(p.numel() for p in model.parameters()) > 0, name
 

@@ -39,11 +39,20 @@ def make_batch(has_cxr: list[float], seed: int = 0) -> Batch:
                  stay_id=torch.arange(size))
 
 
+def architecture(name: str) -> str:
+    """The registered model a config entry builds."""
+    return MODEL_CONFIG[name].get("architecture", name)
+
+
 def tiny_model(name: str, seed: int = 0):
-    """The registered model with its config params, shrunk to hidden 16."""
+    """The registered model with its config params, shrunk to hidden 16 (DDL-CXR given generated latents of
+    shape 4x4x4 for stays 0-11)."""
     torch.manual_seed(seed)
     params = dict(MODEL_CONFIG[name]["params"], hidden=16)
-    return create_model(name, n_labels=N_LABELS, ehr_features=FEATURES, cxr=dict(TINY_CXR), **params)
+    model = create_model(architecture(name), n_labels=N_LABELS, ehr_features=FEATURES, cxr=dict(TINY_CXR), **params)
+    if hasattr(model, "set_generated"):
+        model.set_generated(torch.arange(12), torch.randn(12, 4, 4, 4, generator=torch.Generator().manual_seed(7)))
+    return model
 
 
 def uses(name: str, modality: str) -> bool:
@@ -70,16 +79,16 @@ FUSION_AND_CXR = [n for n in MODEL_CONFIG if uses(n, "cxr")]
 def test_registry_matches_config_and_unknown_name_lists_models():
     # every model shipped in ehrcxr.models has a config entry and vice versa (tests may register extra ones)
     shipped = {name for name in list_models() if get_model_class(name).__module__.startswith("ehrcxr.models.")}
-    assert shipped == set(MODEL_CONFIG)
-    with pytest.raises(KeyError, match="registered models: cxr_resnet, drfuse"):
+    assert shipped == {architecture(name) for name in MODEL_CONFIG}
+    with pytest.raises(KeyError, match="registered models: cxr_resnet, ddl_cxr, drfuse"):
         create_model("no_such_model", n_labels=1, ehr_features=76, cxr=None)
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIG))
 def test_create_model_from_config_entry(name):
     cxr = {key: CONFIG["cxr"][key] for key in ("depth", "weights", "frozen_stages")} | {"pretrained": None}
-    model = create_model(name, n_labels=25, ehr_features=76, cxr=cxr, **MODEL_CONFIG[name]["params"])
-    assert model.registry_name == name
+    model = create_model(architecture(name), n_labels=25, ehr_features=76, cxr=cxr, **MODEL_CONFIG[name]["params"])
+    assert model.registry_name == architecture(name)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
 

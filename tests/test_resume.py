@@ -186,3 +186,17 @@ def test_killed_before_the_first_checkpoint_restarts_from_scratch(cell_inputs, u
     log = run_to_completion(cell_inputs, out_dir, tmp_path / "rerun.log")
     assert "resuming" not in log and epochs_logged(log) == list(range(1, EPOCHS + 1))
     assert_same_result(out_dir, uninterrupted)
+
+
+def test_a_checkpoint_that_no_longer_fits_the_model_is_ignored(cell_inputs, uninterrupted, tmp_path):
+    # the same settings and inputs (same run key) but weights of another shape, as after a change of the model's code
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    checkpoint = torch.load(uninterrupted / "checkpoint.pt", weights_only=False)
+    name = next(key for key, value in checkpoint["model"].items() if value.dim() == 2)
+    checkpoint["model"][name] = torch.zeros(checkpoint["model"][name].shape[0] + 1, checkpoint["model"][name].shape[1])
+    torch.save(checkpoint, out_dir / "checkpoint.pt")
+    log = run_to_completion(cell_inputs, out_dir, tmp_path / "rerun.log")
+    assert "weights do not fit the model" in log and "resuming" not in log
+    assert epochs_logged(log) == list(range(1, EPOCHS + 1))
+    assert_same_result(out_dir, uninterrupted)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -28,6 +29,10 @@ def tiny_config() -> dict:
     config["train"].update(epochs=2, patience=1)
     config["missing"] = ["natural", "miss0.0", "miss0.5"]
     config["evaluate"].update(n_bootstrap=50)
+    del config["models"]["ddl_cxr"]["missing"]  # DDL-CXR at every missingness level (the demo: natural only)
+    config["ddl_cxr"]["autoencoder"].update(epochs=1)
+    config["ddl_cxr"]["diffusion"].update(epochs=2)
+    config["ddl_cxr"]["generation"].update(steps=2)
     # one task keeps the run short: the rerun and SLURM tests run mortality, the MIMIC-demo test every task
     # (length of stay included) and test_length_of_stay a length-of-stay cell
     config["tasks"] = ["phenotyping"]
@@ -117,11 +122,18 @@ def test_default_config_trains_ehr_only_models_at_the_first_miss_rate_only(tmp_p
     ehr_only = {"ehr_lstm", "ehr_transformer"}
     assert {name for name, entry in config["models"].items() if entry["modalities"] == ["ehr"]} == ehr_only
     assert config["missing"] == ["natural", "miss0.0", "miss0.5"]
-    # the 4 CXR models at all 3 settings, the 2 EHR-only ones at natural and miss0.0 (not miss0.5), for 3 tasks
+    # the 4 other CXR models at all 3 settings, the 2 EHR-only ones at natural and miss0.0 (not miss0.5), DDL-CXR and
+    # its copy-x0 baseline at natural only (their entries' `missing:`), for 3 tasks
     assert config["tasks"] == ["phenotyping", "mortality", "length_of_stay"]
+    ddl = {"ddl_cxr", "ddl_cxr_copy_x0"}
+    assert all(config["models"][model]["missing"] == ["natural"] for model in ddl)
     expected = {(task, model, missing) for task in config["tasks"] for model in config["models"]
-                for missing in config["missing"] if not (model in ehr_only and missing == "miss0.5")}
-    assert cells == expected and jobs["train"] == 3 * (4 * 3 + 2 * 2) == 48
+                for missing in config["missing"] if not (model in ehr_only and missing == "miss0.5")
+                and not (model in ddl and missing != "natural")}
+    assert cells == expected and jobs["train"] == 3 * (4 * 3 + 2 * 2 + 2) == 54
+    # DDL-CXR: one autoencoder and latent pass per seed, one diffusion model per diffusion generator in use (copy_x0
+    # has none), one generation per generator
+    assert (jobs["ddl_autoencoder"], jobs["ddl_latents"], jobs["ddl_diffusion"], jobs["ddl_generate"]) == (1, 1, 1, 2)
     # length of stay reads mortality's EHR tensor: two tensors for three tasks
     assert jobs["ehr_tensor"] == 2
 
@@ -166,7 +178,8 @@ def test_whole_grid_runs_to_the_tables(workdir):
                                    "ci_low", "ci_high", "n_seeds", "selection", "n_stays", "n_positive",
                                    "n_labels_scored", "single_class_labels"]
     macro = table[table["metric"].isin(["auroc", "auprc"])]
-    cells = {(t, m, s) for t in config["tasks"] for m in config["models"] for s in config["missing"]}
+    cells = {(t, m, s) for t in config["tasks"] for m in config["models"] for s in config["missing"]
+             if s in config["models"][m].get("missing", config["missing"])}
     assert {tuple(row) for row in macro[macro["model"] != "oracle"][["task", "model", "missing"]].values} == cells
     # EHR-only models were trained at natural and miss0.0 only; their miss0.5 rows are the miss0.0 run's
     runs = workdir / "results/synthetic/runs"
@@ -199,6 +212,25 @@ def test_whole_grid_runs_to_the_tables(workdir):
     assert prediction["x0_age_hours"].between(0, 72).all() and prediction["stay_id"].is_unique
     pairs_log = (workdir / "logs/synthetic/ddl_pairs.log").read_text()
     assert f"'train': {int((pairs['split'] == 'train').sum())}" in pairs_log
+    # DDL-CXR's stages: copy_x0 serves each paired stay's own cached latent; the diffusion generator samples others
+    ddl = workdir / "results/synthetic/ddl_cxr/seed1"
+    latents = np.load(ddl / "latents.npy")
+    index = pd.read_parquet(workdir / "results/synthetic/cxr/index.parquet").set_index("dicom_id")
+    assert latents.shape == (len(index), 4, 8, 8)
+    copied, generated = (np.load(ddl / name / "generated.npz") for name in ("copy_x0", "full"))
+    paired = stays.loc[copied["stay_id"]]
+    np.testing.assert_array_equal(copied["latents"], latents[index.loc[paired["cxr_dicom_id"], "row"].to_numpy()])
+    assert (copied["stay_id"] == generated["stay_id"]).all() and not np.allclose(copied["latents"],
+                                                                                 generated["latents"])
+    usable = paired["cxr_dicom_id"].map(index["status"]).eq("ok")
+    assert usable.all() and len(paired) == (stays["cxr_dicom_id"].map(index["status"]) == "ok").sum()
+    history = pd.read_csv(ddl / "full/diffusion_history.csv")
+    assert len(history) == 2 and history["train_contrastive_loss"].iloc[1] > 0  # ramp 0 in epoch 1, 0.5 in 2
+    assert "latents/s" in (workdir / "logs/synthetic/ddl_generate/seed1/full.log").read_text()
+    quality = pd.read_csv(workdir / "results/synthetic/tables/ddl_generation_quality.csv")
+    assert set(quality["generator"]) == {"full", "copy_x0"} and "stay_id" not in quality.columns
+    assert set(quality["metric"]) == {"latent_mse", "feature_distance", "chexpert_auroc"}
+    assert (workdir / "results/synthetic/figures/ddl_examples.png").stat().st_size > 0  # synthetic data only
     assert set(macro["eval_set"]) == {"paired_test", "partial_test"}
     # the generator's oracle holds true probabilities of the binary labels, not of the length-of-stay classes
     assert set(table.loc[table["model"] == "oracle", "task"]) == {"phenotyping"}
@@ -219,16 +251,21 @@ def test_whole_grid_runs_to_the_tables(workdir):
     # every analysis wrote its tables (CSV, Markdown, LaTeX) and figures (PNG, SVG), aggregates only
     tables, figures = workdir / "results/synthetic/tables", workdir / "results/synthetic/figures"
     for name in ("fusion_gain", "modality_imbalance", "robustness_train", "robustness_test_summary", "xray_age",
-                 "ranking", "calibration", "fairness_groups", "fairness_gaps", "fairness_fusion_effect"):
+                 "xray_age_gain", "ranking", "calibration", "fairness_groups", "fairness_gaps",
+                 "fairness_fusion_effect"):
         for suffix in (".csv", ".md", ".tex"):
             assert (tables / f"{name}{suffix}").stat().st_size > 0, name + suffix
         assert "stay_id" not in pd.read_csv(tables / f"{name}.csv").columns
-    for name in ("fusion_gain", "modality_imbalance", "robustness_train", "robustness_test", "xray_age", "ranking_cd",
-                 "reliability", "fairness_gaps"):
+    for name in ("fusion_gain", "modality_imbalance", "robustness_train", "robustness_test", "xray_age",
+                 "xray_age_gain", "ranking_cd", "reliability", "fairness_gaps"):
         for suffix in (".png", ".svg"):
             assert (figures / f"{name}{suffix}").stat().st_size > 0, name + suffix
+    age_gain = pd.read_csv(tables / "xray_age_gain.csv")  # DDL-CXR over its copy-x0 baseline, paired per stratum
+    assert set(zip(age_gain["model"], age_gain["reference"])) == {("ddl_cxr", "ddl_cxr_copy_x0")}
+    assert set(age_gain["missing"]) == {"natural"}  # the baseline is trained at natural only
     gain = pd.read_csv(tables / "fusion_gain.csv")
-    assert set(gain["model"]) == {"late_fusion", "medfuse", "drfuse"}  # the fusion models, each against references
+    # the fusion models, each against references
+    assert set(gain["model"]) == {"late_fusion", "medfuse", "drfuse", "ddl_cxr", "ddl_cxr_copy_x0"}
     assert set(gain["reference"]) == {"best_unimodal", "best_ehr_only"}
     # the report renders every table and figure
     report = snakemake(workdir, "--report", "report.html")

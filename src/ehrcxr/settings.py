@@ -4,6 +4,10 @@ entry's own keys and, under ``settings: published``, by the entry's ``published:
 A model entry in ``models:`` may hold::
 
     modalities: [ehr, cxr]          # what it reads
+    architecture: ddl_cxr           # the registered model it builds (default: its own name), so that variants of one
+                                    # method are entries of their own
+    generator: full                 # DDL-CXR: the generator (config ddl_cxr.generators) whose latents it reads
+    missing: [natural]              # only these of the grid's missingness settings (default: all)
     pretrained: [ehr, cxr]          # parts loaded from a pretraining stage before the cell trains
     params: {...}                   # constructor arguments
     train: {...}                    # train: keys it always overrides (optimiser, lr, scheduler, ...)
@@ -21,7 +25,8 @@ OVERRIDABLE = ("train", "cxr", "params")
 
 
 def model_settings(config: dict, model: str) -> dict:
-    """{'modalities', 'pretrained', 'params', 'train', 'cxr'} of ``model`` under ``config``.
+    """{'modalities', 'pretrained', 'params', 'train', 'cxr'} of ``model`` under ``config``, plus 'architecture' and
+    'generator' where the entry sets them.
 
     ``train``/``cxr`` start from the config's sections; the entry's own ``train``/``cxr`` keys override
     them; with ``config['settings'] == 'published'`` the entry's ``published`` block overrides last (its
@@ -51,4 +56,5 @@ def model_settings(config: dict, model: str) -> dict:
             if section == "cxr" and "cxr" not in modalities:
                 continue
             resolved[section].update(copy.deepcopy(layer.get(section) or {}))
-    return {"modalities": modalities, "pretrained": pretrained, **resolved}
+    optional = {key: entry[key] for key in ("architecture", "generator") if key in entry}  # absent: no rerun of cells
+    return {"modalities": modalities, "pretrained": pretrained, **optional, **resolved}

@@ -34,7 +34,23 @@ def shared_cxr_conflicts():
     return problems
 
 
-CONFLICTS = shared_cxr_conflicts()
+def generator_conflicts():
+    """Model entries naming a DDL-CXR generator that config ddl_cxr.generators lacks, or one without X-ray input."""
+    known = config["ddl_cxr"]["generators"]
+    return [f"model {model!r}: generator {s['generator']!r} is not in ddl_cxr.generators ({', '.join(known)})"
+            if s["generator"] not in known else f"model {model!r} has a generator but does not read the cxr modality"
+            for model, s in SETTINGS.items()
+            if "generator" in s and (s["generator"] not in known or "cxr" not in s["modalities"])]
+
+
+def quality_conflicts():
+    """Quality generators that config ddl_cxr.generators lacks."""
+    known = config["ddl_cxr"]["generators"]
+    return [f"ddl_cxr.quality.generators: {name!r} is not in ddl_cxr.generators ({', '.join(known)})"
+            for name in config["ddl_cxr"]["quality"]["generators"] if name not in known]
+
+
+CONFLICTS = shared_cxr_conflicts() + generator_conflicts() + quality_conflicts()
 if CONFLICTS:
     raise ValueError("config: " + "; ".join(CONFLICTS))
 
@@ -55,6 +71,7 @@ wildcard_constraints:
     missing=r"natural|miss[0-9.]+",
     seed=r"[0-9]+",
     depth=r"18|34|50",
+    generator="|".join(config["ddl_cxr"]["generators"]),
 
 
 def uses_cxr(model):
@@ -80,7 +97,11 @@ def ehr_only_models():
 def trained_missing(model):
     """The missingness settings a model is trained at. A miss<r> cell withholds the X-ray only from models that
     read one, on the same paired stays at every rate, so an EHR-only model's miss<r> cells are identical: it is
-    trained at the grid's first miss<r> only, and the aggregation reports that run for every miss<r>."""
+    trained at the grid's first miss<r> only, and the aggregation reports that run for every miss<r>. A model entry's
+    `missing:` list keeps only those of the grid's settings."""
+    allowed = config["models"][model].get("missing")  # an entry may restrict its cells (e.g. a costly ablation)
+    if allowed is not None:
+        return [m for m in grid_missing() if m in allowed]
     if uses_cxr(model):
         return grid_missing()
     first_rate = [m for m in grid_missing() if m != "natural"][:1]
@@ -102,16 +123,78 @@ def grid_runs():
     ]
 
 
-def ddl_pairs_tensor(wildcards):
-    """The EHR tensor whose observed hours the DDL-CXR pairs count: phenotyping's (every cohort stay) when the grid
-    has it, else the first task's (no extra tensor is built for the pairs)."""
+def ddl_tensor(wildcards):
+    """The EHR tensor of DDL-CXR's stages (observed hours of the pairs, the diffusion model's EHR windows, the
+    generation's): phenotyping's (every cohort stay) when the grid has it, else the first task's (no extra tensor is
+    built for DDL-CXR; length of stay reads mortality's stays, a subset of phenotyping's)."""
     task = "phenotyping" if "phenotyping" in config["tasks"] else tensor_task(config["tasks"][0])
     return f"{RESULTS}/ehr/{task}.nc"
 
 
+def ddl_generated(seed, generator):
+    """A DDL-CXR generator's latents at prediction time (rule ddl_generate)."""
+    return f"{RESULTS}/ddl_cxr/seed{seed}/{generator}/generated.npz"
+
+
+def ddl_generate_inputs(wildcards):
+    """Generation reads the latents, the cohort's paired X-rays, the EHR windows and, except for copy_x0 (the last
+    real latent as it is), the generator's diffusion model."""
+    inputs = {
+        "latents": f"{RESULTS}/ddl_cxr/seed{wildcards.seed}/latents.npy",
+        "stays": f"{RESULTS}/cohort/stays.parquet",
+        "index": f"{RESULTS}/cxr/index.parquet",
+        "ehr": ddl_tensor(wildcards),
+    }
+    if config["ddl_cxr"]["generators"][wildcards.generator] is not None:
+        inputs["diffusion"] = f"{RESULTS}/ddl_cxr/seed{wildcards.seed}/{wildcards.generator}/diffusion.pt"
+    return inputs
+
+
+def ddl_in_grid():
+    """True when a model of the grid reads a DDL-CXR generator (then its stages and quality table run)."""
+    return any("generator" in SETTINGS[model] for model in grid_models()) and HAS_CXR
+
+
+def ddl_quality_files():
+    """The generation-quality table (CSV, Markdown, LaTeX) and, on synthetic data only, the figure of decoded
+    examples (never real patients' images in published outputs); none without DDL-CXR in the grid or quality
+    generators."""
+    if not ddl_in_grid() or not config["ddl_cxr"]["quality"]["generators"]:
+        return []
+    tables = [f"{RESULTS}/tables/ddl_generation_quality.{ext}" for ext in ("csv", "md", "tex")]
+    figures = [f"{RESULTS}/figures/ddl_examples.{ext}" for ext in ("png", "svg")] if SYNTHETIC else []
+    return tables + figures
+
+
+def ddl_quality_report_files():
+    """The generation-quality outputs; the Markdown table and the figure go into the Snakemake report."""
+    return [report(f, caption="../report/ddl_quality.rst", category="6 DDL-CXR") if f.endswith((".md", ".png"))
+            else f for f in ddl_quality_files()]
+
+
+def ddl_quality_inputs(wildcards):
+    """The test pairs, the first seed's latents, autoencoder and CXR encoder, and each quality generator's diffusion
+    model (none for copy_x0)."""
+    seed = config["seeds"][0]
+    inputs = {
+        "pairs": f"{RESULTS}/ddl_cxr/pairs.parquet",
+        "latents": f"{RESULTS}/ddl_cxr/seed{seed}/latents.npy",
+        "autoencoder": f"{RESULTS}/ddl_cxr/seed{seed}/autoencoder.pt",
+        "cxr_encoder": cxr_encoder(seed, config["cxr"]["depth"]),
+        "index": f"{RESULTS}/cxr/index.parquet",
+        "images": f"{RESULTS}/cxr/images.npy",
+        "ehr": ddl_tensor(wildcards),
+    }
+    for name in config["ddl_cxr"]["quality"]["generators"]:
+        if config["ddl_cxr"]["generators"][name] is not None:
+            inputs[f"diffusion_{name}"] = f"{RESULTS}/ddl_cxr/seed{seed}/{name}/diffusion.pt"
+    return inputs
+
+
 def final_outputs():
     ddl_pairs = [f"{RESULTS}/ddl_cxr/pairs.parquet"] if HAS_CXR else []  # DDL-CXR needs X-rays
-    return [f"{RESULTS}/tables/main_results.csv", f"{RESULTS}/tables/main_results.md"] + analysis_outputs() + ddl_pairs
+    return ([f"{RESULTS}/tables/main_results.csv", f"{RESULTS}/tables/main_results.md"] + analysis_outputs() + ddl_pairs
+            + ddl_quality_files())
 
 
 # The report's analyses: rule name -> (tables, figures) it writes under tables/ and figures/ (rules/analysis.smk).
@@ -121,7 +204,7 @@ ANALYSES = {
     "modality_imbalance": (["modality_imbalance"], ["modality_imbalance"]),
     "robustness": (["robustness_train", "robustness_train_summary", "robustness_test", "robustness_test_summary"],
                    ["robustness_train", "robustness_test"]),
-    "xray_age": (["xray_age"], ["xray_age"]),
+    "xray_age": (["xray_age", "xray_age_gain"], ["xray_age", "xray_age_gain"]),
     "ranking": (["ranking"], ["ranking_cd"]),
     "calibration": (["calibration"], ["reliability"]),
     "fairness": (["fairness_groups", "fairness_gaps", "fairness_fusion_effect", "fairness_missing_correlation"],
@@ -218,8 +301,8 @@ def ehr_tensor_file(wildcards):
 def train_inputs(wildcards):
     """A cell needs the cohort and its task's EHR tensor; CXR models also the image cache; and every part the
     model declares `pretrained:` its pretraining output (cxr: the encoder of its seed and cxr depth, plus its pooled
-    image features when the model keeps every stage frozen; ehr: its own EHR encoder). A CXR model that declares no
-    pretrained cxr starts from cxr.weights."""
+    image features when the model keeps every stage frozen; ehr: its own EHR encoder), and a model with a DDL-CXR
+    `generator:` that generator's latents. A CXR model that declares no pretrained cxr starts from cxr.weights."""
     settings = SETTINGS[wildcards.model]
     inputs = {
         "stays": f"{RESULTS}/cohort/stays.parquet",
@@ -240,6 +323,8 @@ def train_inputs(wildcards):
         inputs["cxr_index"] = ancient(f"{RESULTS}/cxr/index.parquet")
     if "ehr" in settings["pretrained"]:
         inputs["ehr_encoder"] = ehr_encoder(wildcards.seed, wildcards.task, wildcards.model)
+    if "generator" in settings:
+        inputs["ddl_generated"] = ddl_generated(wildcards.seed, settings["generator"])
     return inputs
 
 

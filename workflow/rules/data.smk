@@ -79,23 +79,3 @@ rule cxr_cache:
         "../../envs/data.yaml"
     script:
         "../../scripts/cxr_cache.py"
-
-
-# DDL-CXR's X-ray pairs (x0, x1) and each stay's prediction X-ray with its age; an EHR tensor (ddl_pairs_tensor)
-# tells which hours hold an observation.
-rule ddl_pairs:
-    input:
-        stays="results/{dataset}/cohort/stays.parquet",
-        cxr_studies="results/{dataset}/cohort/cxr_studies.parquet",
-        ehr=ddl_pairs_tensor,
-    output:
-        pairs="results/{dataset}/ddl_cxr/pairs.parquet",
-        prediction="results/{dataset}/ddl_cxr/prediction_x0.parquet",
-    params:
-        pairs=config["ddl_cxr"]["pairs"],
-    log:
-        "logs/{dataset}/ddl_pairs.log",
-    conda:
-        "../../envs/data.yaml"
-    script:
-        "../../scripts/ddl_pairs.py"

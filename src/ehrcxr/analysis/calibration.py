@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ehrcxr.analysis.core import EVAL_SETS, Cell, cells_of, load_cells, read_stays, task_settings
-from ehrcxr.analysis.publish import empty_figure, format_ci, save_figure, write_table
+from ehrcxr.analysis.core import (EVAL_SETS, Cell, bootstrap_p_value, cells_of, load_cells, read_stays,
+                                  task_settings)
+from ehrcxr.analysis.publish import empty_figure, format_ci, format_p, save_figure, write_table
 from ehrcxr.evaluate.bootstrap import pooled_resample_stats, resample_weights, summarise_resamples
 
 MACRO = "macro"
@@ -26,6 +27,8 @@ CALIBRATION_COLUMNS = ["task", "missing", "eval_set", "model", "label", "metric"
                        "n_stays"]
 XRAY_AGE_COLUMNS = ["task", "missing", "model", "stratum", "age_low", "age_high", "metric", "estimate", "ci_low",
                     "ci_high", "n_stays", "suppressed"]
+XRAY_AGE_GAIN_COLUMNS = ["task", "missing", "model", "reference", "stratum", "age_low", "age_high", "metric", "gain",
+                         "ci_low", "ci_high", "p_value", "n_stays"]
 MIN_STRATUM_STAYS = 10  # strata with fewer paired test stays are suppressed
 STAY_COLUMNS = ("stay_id", "los_hours", "cxr_hours")
 RELIABILITY_SET = "paired_test"
@@ -228,10 +231,11 @@ def stratum_names(age_bins) -> list[str]:
 
 
 def _stratum_rows(cell: Cell, stratum: np.ndarray, age_bins, weights: np.ndarray, ci: float, threads: int
-                  ) -> list[dict]:
-    """Macro AUROC and AUPRC of one cell per X-ray-age stratum of its paired test stays."""
+                  ) -> tuple[list[dict], dict[tuple[str, str], np.ndarray]]:
+    """Macro AUROC and AUPRC of one cell per X-ray-age stratum of its paired test stays, and their values under
+    every resample row ((stratum, metric) -> (W,), unsuppressed strata only) for paired differences."""
     y, p_by_seed = cell.labels_of("paired_test"), cell.scores("paired_test")
-    rows = []
+    rows, resamples = [], {}
     for s, name in enumerate(stratum_names(age_bins)):
         members = stratum == s
         n_stays = int(members.sum())
@@ -242,18 +246,21 @@ def _stratum_rows(cell: Cell, stratum: np.ndarray, age_bins, weights: np.ndarray
             stats = pooled_resample_stats(y[members], [p[members] for p in p_by_seed], ["auroc", "auprc"],
                                           weights[:, members], threads)
             summaries = [summarise_resamples(macro, ci) for macro, _ in stats]
+            resamples.update({(name, metric): macro for metric, (macro, _) in zip(("auroc", "auprc"), stats)})
         rows += [dict(task=cell.task, missing=cell.missing, model=cell.model, stratum=name, age_low=age_bins[s],
                       age_high=age_bins[s + 1], metric=metric, estimate=float(estimate), ci_low=float(low),
                       ci_high=float(high), n_stays=n_stays, suppressed=suppressed)
                  for metric, (estimate, low, high) in zip(("auroc", "auprc"), summaries)]
-    return rows
+    return rows, resamples
 
 
 def xray_age_table(cells: dict, stay_times: pd.DataFrame, stays_path, *, age_bins=(0, 12, 24, 36, 48),
                    prediction_hour: float = 48, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
-                   threads: int = 1) -> pd.DataFrame:
-    """The long X-ray-age table (:data:`XRAY_AGE_COLUMNS`) of every cell with paired test stays."""
-    strata, weights, rows = {}, {}, []
+                   threads: int = 1, contrasts=()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The long X-ray-age table (:data:`XRAY_AGE_COLUMNS`) of every cell with paired test stays, and the gain
+    table (:data:`XRAY_AGE_GAIN_COLUMNS`) of each (model, reference) of ``contrasts`` trained at the same task and
+    setting: model − reference per stratum, paired on the shared resamples, with a bootstrap p-value."""
+    strata, weights, rows, resamples = {}, {}, [], {}
     for (task, _, _), cell in cells.items():
         stay_ids = cell.stays("paired_test")
         if stay_ids.size == 0:
@@ -262,8 +269,32 @@ def xray_age_table(cells: dict, stay_times: pd.DataFrame, stays_path, *, age_bin
             ages = xray_ages(stay_times, stay_ids, prediction_hour, stays_path)
             strata[task] = age_strata(ages, age_bins, stay_ids)
             weights[task] = resample_weights(stay_ids.size, n_boot, seed)
-        rows += _stratum_rows(cell, strata[task], list(age_bins), weights[task], ci, threads)
-    return pd.DataFrame(rows, columns=XRAY_AGE_COLUMNS)
+        cell_rows, resamples[task, cell.missing, cell.model] = _stratum_rows(cell, strata[task], list(age_bins),
+                                                                             weights[task], ci, threads)
+        rows += cell_rows
+    table = pd.DataFrame(rows, columns=XRAY_AGE_COLUMNS)
+    return table, _gain_table(table, resamples, contrasts, ci)
+
+
+def _gain_table(table: pd.DataFrame, resamples: dict, contrasts, ci: float) -> pd.DataFrame:
+    """Rows of :data:`XRAY_AGE_GAIN_COLUMNS`: per contrast, task, setting, stratum and metric, the paired gain."""
+    rows = []
+    strata = table.drop_duplicates(["task", "stratum"]).set_index(["task", "stratum"])
+    for model, reference in contrasts:
+        for (task, missing, name), values in resamples.items():
+            if name != model or (task, missing, reference) not in resamples:
+                continue
+            for (stratum, metric), own in values.items():
+                other = resamples[task, missing, reference].get((stratum, metric))
+                if other is None:
+                    continue
+                gain, low, high = summarise_resamples(own - other, ci)
+                info = strata.loc[(task, stratum)]
+                rows.append(dict(task=task, missing=missing, model=model, reference=reference, stratum=stratum,
+                                 age_low=info["age_low"], age_high=info["age_high"], metric=metric, gain=float(gain),
+                                 ci_low=float(low), ci_high=float(high),
+                                 p_value=float(bootstrap_p_value(own - other)), n_stays=int(info["n_stays"])))
+    return pd.DataFrame(rows, columns=XRAY_AGE_GAIN_COLUMNS)
 
 
 def xray_age_figure(table: pd.DataFrame, age_bins):
@@ -300,15 +331,54 @@ def _xray_age_display(table: pd.DataFrame) -> pd.DataFrame:
                                     else format_ci(r.estimate, r.ci_low, r.ci_high)))
 
 
+def xray_age_gain_figure(gain: pd.DataFrame, age_bins):
+    """Gain in macro AUROC over the reference per X-ray-age stratum with CI error bars, natural setting, one panel
+    per task; one line per contrast."""
+    plt = _pyplot()
+    rows = gain[(gain["missing"] == "natural") & (gain["metric"] == "auroc")]
+    tasks = list(dict.fromkeys(rows["task"]))
+    if not tasks:
+        return empty_figure("No X-ray-age gain figure: no contrast with both models at the natural setting.")
+    names = stratum_names(age_bins)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        of_task = rows[rows["task"] == task]
+        for (model, reference), curve in of_task.groupby(["model", "reference"], sort=False):
+            curve = curve.set_index("stratum").reindex(names)
+            errors = np.vstack([curve["gain"] - curve["ci_low"], curve["ci_high"] - curve["gain"]])
+            axis.errorbar(np.arange(len(names)), curve["gain"], yerr=errors, marker="o", ms=4, capsize=2, lw=1,
+                          label=f"{model} − {reference}")
+        axis.axhline(0.0, color="grey", lw=0.8)
+        counts = of_task.drop_duplicates("stratum").set_index("stratum").reindex(names)["n_stays"]
+        axis.set_xticks(np.arange(len(names)),
+                        [f"{name}\nn = {count:g}" for name, count in zip(names, counts.fillna(0))], fontsize=8)
+        axis.set(xlabel="age of the paired X-ray at prediction time", ylabel="gain in macro AUROC",
+                 title=f"{task}: paired_test, natural")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def _xray_age_gain_display(gain: pd.DataFrame) -> pd.DataFrame:
+    """Gain with CI and p per contrast, setting, stratum and metric."""
+    return pd.DataFrame({
+        "task": gain["task"], "setting": gain["missing"], "model": gain["model"], "reference": gain["reference"],
+        "stratum": gain["stratum"], "n": gain["n_stays"], "metric": gain["metric"].str.upper(),
+        "gain [CI]": [format_ci(r.gain, r.ci_low, r.ci_high) for r in gain.itertuples()],
+        "p": gain["p_value"].map(format_p)})
+
+
 def run_xray_age(run_dirs, stays_path, modalities, tables_dir, figures_dir, *, ehr_only_models=(), grid_missing=(),
                  age_bins=(0, 12, 24, 36, 48), prediction_hour: float = 48, n_boot: int = 1000, ci: float = 0.95,
-                 seed: int = 0, threads: int = 1) -> dict[str, pd.DataFrame]:
+                 seed: int = 0, threads: int = 1, contrasts=()) -> dict[str, pd.DataFrame]:
     """Write table and figure ``xray_age``: every model's macro AUROC and AUPRC on the paired test stays per
-    stratum of X-ray age at prediction time. Returns {'xray_age': the long table}."""
+    stratum of X-ray age at prediction time; and ``xray_age_gain``: the paired gain of each (model, reference) of
+    ``contrasts`` (config analysis.xray_age_contrasts, e.g. DDL-CXR over its copy-x0 baseline) per stratum.
+    Returns {'xray_age': ..., 'xray_age_gain': ...} (long tables)."""
     stay_times = read_stay_times(stays_path)
     cells = load_cells(run_dirs, modalities, ehr_only_models, grid_missing, scores=("p",))
-    table = xray_age_table(cells, stay_times, stays_path, age_bins=age_bins, prediction_hour=prediction_hour,
-                           n_boot=n_boot, ci=ci, seed=seed, threads=threads)
+    table, gain = xray_age_table(cells, stay_times, stays_path, age_bins=age_bins, prediction_hour=prediction_hour,
+                                 n_boot=n_boot, ci=ci, seed=seed, threads=threads, contrasts=contrasts)
     notes = [
         f"Age of the paired X-ray at prediction time: min(los_hours, {prediction_hour:g}) − cxr_hours (hours from ICU "
         "admission to the X-ray), clipped at 0; strata left-closed, the last closed.",
@@ -321,4 +391,14 @@ def run_xray_age(run_dirs, stays_path, modalities, tables_dir, figures_dir, *, e
     write_table(table, Path(tables_dir) / "xray_age", title="Discrimination by age of the paired X-ray",
                 display=_xray_age_display(table), notes=notes)
     save_figure(xray_age_figure(table, list(age_bins)), Path(figures_dir) / "xray_age")
-    return {"xray_age": table}
+    gain_notes = [
+        "Gain = the model's macro metric minus the reference's on the same paired test stays of each X-ray-age "
+        f"stratum; {ci:.0%} percentile CI and two-sided bootstrap p-value over the shared resamples (paired). "
+        "Contrasts: config analysis.xray_age_contrasts.",
+        "DDL-CXR against its copy-x0 baseline isolates the generated up-to-date latent: both read the same EHR and "
+        "the same last real X-ray; the baseline's 'generated' latent is the last real latent itself.",
+    ]
+    write_table(gain, Path(tables_dir) / "xray_age_gain", title="Gain over a reference by age of the paired X-ray",
+                display=_xray_age_gain_display(gain), notes=gain_notes)
+    save_figure(xray_age_gain_figure(gain, list(age_bins)), Path(figures_dir) / "xray_age_gain")
+    return {"xray_age": table, "xray_age_gain": gain}

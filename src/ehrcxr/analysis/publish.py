@@ -104,13 +104,19 @@ def save_figure(figure, stem: str | Path) -> list[Path]:
     return paths
 
 
-def empty_figure(message: str):
-    """A figure that says why there is nothing to plot (e.g. no X-ray data), so every declared output exists."""
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (jobs have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def empty_figure(message: str):
+    """A figure that says why there is nothing to plot (e.g. no X-ray data), so every declared output exists."""
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 1.5))
     axis.axis("off")
     axis.text(0.5, 0.5, message, ha="center", va="center", wrap=True)

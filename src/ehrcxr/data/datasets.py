@@ -192,18 +192,26 @@ def _read_ehr(ehr_path: str | Path, stay_ids: np.ndarray) -> tuple[np.ndarray, n
     return np.concatenate([values, mask], axis=2), mask, length
 
 
-def _cxr_rows(stays: pd.DataFrame, cxr_index_path: str | Path | None) -> np.ndarray:
-    """Cache row of each stay's paired image (-1 when unpaired, absent from the cache or unusable)."""
-    if cxr_index_path is None:
-        return np.full(len(stays), -1, dtype=np.int64)
-    index = pd.read_parquet(cxr_index_path, columns=["dicom_id", "row", "status"])
+def usable_cache_rows(index: pd.DataFrame, source: str | Path = "cxr index") -> pd.Series:
+    """dicom_id -> cache row of the usable images of a cache index (status 'ok', row >= 0)."""
     usable = index[(index["status"] == "ok") & (index["row"] >= 0)]
     if not usable["dicom_id"].is_unique:
-        raise ValueError(f"{cxr_index_path}: duplicate dicom_id among usable images")
-    row_of = pd.Series(usable["row"].to_numpy(np.int64), index=usable["dicom_id"].astype(str))
+        raise ValueError(f"{source}: duplicate dicom_id among usable images")
+    return pd.Series(usable["row"].to_numpy(np.int64), index=usable["dicom_id"].astype(str).to_numpy())
+
+
+def cxr_cache_rows(stays: pd.DataFrame, index: pd.DataFrame, source: str | Path = "cxr index") -> np.ndarray:
+    """Cache row of each stay's paired image (``cxr_dicom_id``; -1 when unpaired, absent from the cache or unusable)."""
+    row_of = usable_cache_rows(index, source)
     dicom = stays["cxr_dicom_id"].astype("string")
-    rows = dicom.map(row_of).astype("float64").fillna(-1).to_numpy().astype(np.int64)
-    return rows
+    return dicom.map(row_of).astype("float64").fillna(-1).to_numpy().astype(np.int64)
+
+
+def _cxr_rows(stays: pd.DataFrame, cxr_index_path: str | Path | None) -> np.ndarray:
+    if cxr_index_path is None:
+        return np.full(len(stays), -1, dtype=np.int64)
+    return cxr_cache_rows(stays, pd.read_parquet(cxr_index_path, columns=["dicom_id", "row", "status"]),
+                          cxr_index_path)
 
 
 def load_cell_data(stays_path: str | Path, ehr_path: str | Path, task: str, missing: str, seed: int,

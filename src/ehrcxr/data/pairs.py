@@ -50,14 +50,21 @@ def observed_bins(mask: np.ndarray) -> np.ndarray:
     return np.asarray(mask).astype(bool).any(axis=2)
 
 
-def _bins_between(observed: np.ndarray, row: np.ndarray, t0: np.ndarray, t1: np.ndarray) -> np.ndarray:
-    """Per pair, the observed hourly bins h of its stay (``row`` into ``observed``) with t0 < h + 1 and h <= t1."""
-    n_hours = observed.shape[1]
-    running = np.zeros((observed.shape[0], n_hours + 1), dtype=np.int64)
-    np.cumsum(observed, axis=1, out=running[:, 1:])
+def window_bins(t0: np.ndarray, t1: np.ndarray, n_hours: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The hourly bins h of [t0, t1] (bin h covers [h, h + 1): t0 < h + 1 and h <= t1) within [0, n_hours), as
+    (first, stop) with stop > first, or stop == first when none lies in range."""
+    n_hours = np.asarray(n_hours, dtype=np.int64)
     first = np.clip(np.floor(t0).astype(np.int64), 0, n_hours)  # bins h >= floor(t0) have h + 1 > t0
-    last = np.clip(np.floor(t1).astype(np.int64) + 1, 0, n_hours)  # bins h < floor(t1) + 1
-    return np.where(last > first, running[row, last] - running[row, np.minimum(first, last)], 0)
+    stop = np.clip(np.floor(t1).astype(np.int64) + 1, 0, n_hours)  # bins h < floor(t1) + 1
+    return np.minimum(first, stop), stop
+
+
+def _bins_between(observed: np.ndarray, row: np.ndarray, t0: np.ndarray, t1: np.ndarray) -> np.ndarray:
+    """Per pair, the observed hourly bins h of its stay (``row`` into ``observed``) in [t0, t1] (:func:`window_bins`)."""
+    running = np.zeros((observed.shape[0], observed.shape[1] + 1), dtype=np.int64)
+    np.cumsum(observed, axis=1, out=running[:, 1:])
+    first, stop = window_bins(t0, t1, observed.shape[1])
+    return running[row, stop] - running[row, first]
 
 
 def diffusion_pairs(images: pd.DataFrame, stays: pd.DataFrame, stay_ids: np.ndarray, observed: np.ndarray, *,

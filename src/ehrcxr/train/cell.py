@@ -82,8 +82,8 @@ def run_cell(inputs: dict, out_dir: str | Path, task: str, model: str, missing: 
     cxr = None
     if uses_cxr:
         cxr = {**cxr_params, "pretrained": inputs.get("cxr_encoder")}
-    network = create_model(model, n_labels=len(data.labels), ehr_features=data.ehr_features, cxr=cxr,
-                           **dict(settings.get("params") or {}))
+    network = create_model(settings.get("architecture", model), n_labels=len(data.labels),
+                           ehr_features=data.ehr_features, cxr=cxr, **dict(settings.get("params") or {}))
     if inputs.get("ehr_encoder"):
         load_pretrained_ehr(network, inputs["ehr_encoder"], model)
     result = fit(network, data, out_dir, **fit_options(train_params, cxr_params), seed=seed, threads=threads,

@@ -458,6 +458,12 @@ def _load_checkpoint(path: Path, run_key: str, selection_metric: str, log: loggi
     return checkpoint
 
 
+def _fits(model: nn.Module, state: dict) -> bool:
+    """True if ``state`` has exactly the model's state-dict keys, each with the model's shape."""
+    own = model.state_dict()
+    return own.keys() == state.keys() and all(own[key].shape == state[key].shape for key in own)
+
+
 def _write_history(rows: list[dict], path: Path) -> pd.DataFrame:
     history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
     write_atomic(path, lambda temporary: history.to_csv(temporary, index=False))
@@ -543,6 +549,10 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
     best_hooks = None  # the hook state that goes with best_state (hooks may add layers later)
     history: list[dict] = []
     checkpoint = _load_checkpoint(checkpoint_path, run_key, selection_metric, log)
+    if checkpoint is not None and checkpoint["hooks"] is None and not _fits(model, checkpoint["model"]):
+        log.warning("ignoring checkpoint %s: its weights do not fit the model (the model's code changed since); "
+                    "training starts over", checkpoint_path)
+        checkpoint = None
     if checkpoint is not None:
         if checkpoint["hooks"] is not None:
             model.load_hook_state_dict(checkpoint["hooks"])
