@@ -160,6 +160,42 @@ def test_prediction_inputs_use_the_grid_xray_and_its_age():
     assert table["x0_age_hours"].tolist() == [8.0, 28.0] and table["end_hour"].tolist() == [48.0, 30.0]
 
 
+def test_latent_scale_runs_the_diffusion_on_scaled_latents_and_generation_undoes_it():
+    z0, z1, ehr, lengths = inputs(size=3)
+    scaled, plain = tiny_diffusion(latent_scale=0.5), tiny_diffusion()
+    assert scaled.config["latent_scale"] == 0.5
+    options = dict(aux_weight=1.0, contrastive_weight=1.0, margin=0.2, ramp=0.5)
+    with torch.no_grad():
+        losses = diffusion_losses(scaled, z0, z1, ehr, lengths, torch.zeros(3, 14),
+                                  generator=torch.Generator().manual_seed(3), **options)
+        reference = diffusion_losses(plain, 0.5 * z0, 0.5 * z1, ehr, lengths, torch.zeros(3, 14),
+                                     generator=torch.Generator().manual_seed(3), **options)
+    for key in losses:
+        torch.testing.assert_close(losses[key], reference[key])
+    sample = dict(steps=3, eta=1.0, seed=2, batch_size=3, device=torch.device("cpu"))
+    generated = ddim_generate(scaled, z0, ehr, lengths, **sample)
+    np.testing.assert_allclose(generated, ddim_generate(plain, 0.5 * z0, ehr, lengths, **sample) / 0.5,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_clips_the_predicted_latent_to_the_models_clip_range():
+    z0, _, ehr, lengths = inputs(size=3)
+    plain, clipped = tiny_diffusion(), tiny_diffusion(clip_range=0.05)
+    assert not ddim_scheduler(plain, 4).config.clip_sample
+    assert ddim_scheduler(clipped, 4).config.clip_sample and ddim_scheduler(clipped, 4).config.clip_sample_range == 0.05
+    # eta 0 and one step from t = 1: z = sqrt(abar_0) * clip(x0_hat) + sqrt(1 - abar_0) * eps_hat, so the clipped
+    # sample stays within sqrt(abar_0) * 0.05 + sqrt(1 - abar_0) * max |eps_hat| of 0, the unclipped one does not
+    sample = dict(steps=1, eta=0.0, seed=2, batch_size=3, device=torch.device("cpu"))
+    abar0 = float(clipped.alphas_cumprod[0])
+    with torch.no_grad():
+        tokens, keep, _ = clipped.context(ehr, lengths)
+        x_t = torch.randn(LATENT, generator=torch.Generator().manual_seed(2)).expand(3, *LATENT)
+        eps = clipped.denoise(x_t, z0, torch.ones(3, dtype=torch.long), tokens, keep)
+    bound = abar0 ** 0.5 * 0.05 + (1 - abar0) ** 0.5 * float(eps.abs().max()) + 1e-6
+    assert np.abs(ddim_generate(clipped, z0, ehr, lengths, **sample)).max() <= bound
+    assert np.abs(ddim_generate(plain, z0, ehr, lengths, **sample)).max() > bound
+
+
 def test_ddim_generation_is_reproducible_and_depends_on_the_seed():
     model = tiny_diffusion()
     z0, _, ehr, lengths = inputs(size=3)
@@ -247,3 +283,24 @@ def test_quality_table_means_paired_differences_and_gap_strata():
     means = counts @ copy["latent_mse"] / counts.sum(1)
     low, high = rows.loc[("copy_x0", "all", "latent_mse"), ["ci_low", "ci_high"]]
     assert (low, high) == pytest.approx(tuple(np.percentile(means, [5, 95])))
+
+
+def test_resampled_chexpert_auroc_equals_sklearn_on_each_expanded_resample():
+    from sklearn.metrics import roc_auc_score
+
+    from ehrcxr.ddl.quality import _resampled
+    from ehrcxr.evaluate.bootstrap import resample_counts
+
+    rng = np.random.default_rng(1)
+    n = 12
+    labels = (rng.random((n, 3)) < 0.5).astype(np.float32)
+    labels[:, 2] = 0.0
+    labels[0, 2] = 1.0  # label 2 has a single positive: single-class (left out) in resamples that miss row 0
+    values = {"latent_mse": rng.random(n), "feature_distance": rng.random(n), "probabilities": rng.random((n, 3))}
+    counts = resample_counts(n, 30, np.random.default_rng(2))
+    aurocs = _resampled(values, labels, counts)["chexpert_auroc"]
+    for b, row in enumerate(np.vstack([np.ones((1, n), dtype=counts.dtype), counts])):
+        index = np.repeat(np.arange(n), row)
+        per_label = [roc_auc_score(labels[index, j], values["probabilities"][index, j]) for j in range(3)
+                     if 0 < labels[index, j].sum() < index.size]
+        assert aurocs[b] == pytest.approx(np.mean(per_label) if per_label else np.nan, nan_ok=True)

@@ -340,3 +340,18 @@ def test_drfuse_lambdas_scale_aux_losses_and_attention_masks_missing_cxr():
     torch.testing.assert_close(attention.sum(-1), torch.ones(6, N_LABELS))
     assert (attention[batch.has_cxr == 0][..., 2] == 0).all()
     assert (attention[batch.has_cxr == 1][..., 2] > 0).all()
+
+
+def test_encode_paired_cxr_under_bf16_autocast_keeps_unpaired_rows_zero():
+    # on CUDA the trainer runs the forward pass under bf16 autocast; with a trainable stage the backbone's output is
+    # bf16, and the unpaired rows' zeros must take that dtype (CPU autocast reproduces it)
+    from ehrcxr.models.encoders import encode_paired_cxr
+
+    torch.manual_seed(0)
+    backbone = build_cxr_backbone(dict(TINY_CXR)).train()
+    batch = make_batch(MIXED)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = encode_paired_cxr(backbone, batch.cxr, batch.has_cxr)
+    paired = batch.has_cxr > 0.5
+    assert features.dtype == torch.bfloat16 and features.shape == (6, backbone.out_dim)
+    assert bool((features[~paired] == 0).all()) and bool((features[paired] != 0).any())

@@ -123,18 +123,18 @@ def test_default_config_trains_ehr_only_models_at_the_first_miss_rate_only(tmp_p
     assert {name for name, entry in config["models"].items() if entry["modalities"] == ["ehr"]} == ehr_only
     assert config["missing"] == ["natural", "miss0.0", "miss0.5"]
     # the 4 other CXR models at all 3 settings, the 2 EHR-only ones at natural and miss0.0 (not miss0.5), DDL-CXR and
-    # its copy-x0 baseline at natural only (their entries' `missing:`), for 3 tasks
-    assert config["tasks"] == ["phenotyping", "mortality", "length_of_stay"]
+    # its copy-x0 baseline at natural only (their entries' `missing:`), for the demo's 2 tasks
+    assert config["tasks"] == ["phenotyping", "mortality"]
     ddl = {"ddl_cxr", "ddl_cxr_copy_x0"}
     assert all(config["models"][model]["missing"] == ["natural"] for model in ddl)
     expected = {(task, model, missing) for task in config["tasks"] for model in config["models"]
                 for missing in config["missing"] if not (model in ehr_only and missing == "miss0.5")
                 and not (model in ddl and missing != "natural")}
-    assert cells == expected and jobs["train"] == 3 * (4 * 3 + 2 * 2 + 2) == 54
-    # DDL-CXR: one autoencoder and latent pass per seed, one diffusion model per diffusion generator in use (copy_x0
-    # has none), one generation per generator
-    assert (jobs["ddl_autoencoder"], jobs["ddl_latents"], jobs["ddl_diffusion"], jobs["ddl_generate"]) == (1, 1, 1, 2)
-    # length of stay reads mortality's EHR tensor: two tensors for three tasks
+    assert cells == expected and jobs["train"] == 2 * (4 * 3 + 2 * 2 + 2) == 36
+    # DDL-CXR: one autoencoder and latent pass per seed, one diffusion model per diffusion generator the grid uses or
+    # the quality table scores (full, no_ehr; copy_x0 has none), one generation per generator of a grid model
+    assert config["ddl_cxr"]["quality"]["generators"] == ["full", "no_ehr", "copy_x0"]
+    assert (jobs["ddl_autoencoder"], jobs["ddl_latents"], jobs["ddl_diffusion"], jobs["ddl_generate"]) == (1, 1, 2, 2)
     assert jobs["ehr_tensor"] == 2
 
 
@@ -228,7 +228,7 @@ def test_whole_grid_runs_to_the_tables(workdir):
     assert len(history) == 2 and history["train_contrastive_loss"].iloc[1] > 0  # ramp 0 in epoch 1, 0.5 in 2
     assert "latents/s" in (workdir / "logs/synthetic/ddl_generate/seed1/full.log").read_text()
     quality = pd.read_csv(workdir / "results/synthetic/tables/ddl_generation_quality.csv")
-    assert set(quality["generator"]) == {"full", "copy_x0"} and "stay_id" not in quality.columns
+    assert set(quality["generator"]) == {"full", "no_ehr", "copy_x0"} and "stay_id" not in quality.columns
     assert set(quality["metric"]) == {"latent_mse", "feature_distance", "chexpert_auroc"}
     assert (workdir / "results/synthetic/figures/ddl_examples.png").stat().st_size > 0  # synthetic data only
     assert set(macro["eval_set"]) == {"paired_test", "partial_test"}

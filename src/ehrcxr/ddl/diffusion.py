@@ -9,7 +9,12 @@ token sequence of an EHR Transformer over [t₀, t₁], trained jointly. The los
 
 with E′ = 0.5·E + 0.5·N(0, I), a corrupted EHR context: the model must denoise better with the true EHR than with
 a corrupted one. The variants ``condition_x0`` / ``condition_ehr`` False drop z₀ / the EHR (then one learned context
-token stands in for the EHR and the auxiliary and contrastive terms have nothing to act on)."""
+token stands in for the EHR and the auxiliary and contrastive terms have nothing to act on).
+
+Latents enter the diffusion multiplied by ``latent_scale`` (LDM's ``scale_by_std``: 1 / the standard deviation of the
+training z₁, so the data have the unit scale the noise schedule assumes; generation divides it out again). With
+``clip_quantile``, DDIM clips each step's predicted z₁ to ± that quantile of the scaled training |z₁| (DDPM's
+``clip_denoised`` with the latents' range for the images' [−1, 1]; off in the original's latent model)."""
 from __future__ import annotations
 
 import logging
@@ -76,7 +81,8 @@ class ConditionalLatentDiffusion(nn.Module):
     def __init__(self, latent_shape: tuple[int, int, int], ehr_features: int, *, unet_channels: list[int],
                  layers_per_block: int, head_channels: int, norm_num_groups: int, hidden: int, heads: int,
                  ehr_layers: int, dropout: float, timesteps: int, beta_start: float, beta_end: float,
-                 condition_x0: bool = True, condition_ehr: bool = True, n_labels: int = len(CHEXPERT_LABELS)):
+                 condition_x0: bool = True, condition_ehr: bool = True, n_labels: int = len(CHEXPERT_LABELS),
+                 latent_scale: float = 1.0, clip_range: float | None = None):
         super().__init__()
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -86,7 +92,10 @@ class ConditionalLatentDiffusion(nn.Module):
                        "hidden": int(hidden), "heads": int(heads), "ehr_layers": int(ehr_layers),
                        "dropout": float(dropout), "timesteps": int(timesteps), "beta_start": float(beta_start),
                        "beta_end": float(beta_end), "condition_x0": bool(condition_x0),
-                       "condition_ehr": bool(condition_ehr), "n_labels": int(n_labels)}
+                       "condition_ehr": bool(condition_ehr), "n_labels": int(n_labels),
+                       "latent_scale": float(latent_scale),
+                       "clip_range": None if clip_range is None else float(clip_range)}
+        self.latent_scale, self.clip_range = float(latent_scale), self.config["clip_range"]
         channels = int(latent_shape[0])
         levels = len(unet_channels)
         self.unet = UNet2DConditionModel(
@@ -138,6 +147,7 @@ def diffusion_losses(model: ConditionalLatentDiffusion, z0: torch.Tensor, z1: to
                      margin: float, ramp: float, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The loss terms of one batch of pairs (module docstring); ``ramp`` = epoch / epochs."""
     steps = model.alphas_cumprod.shape[0]
+    z0, z1 = z0 * model.latent_scale, z1 * model.latent_scale
     t = torch.randint(0, steps, (z1.shape[0],), device=z1.device, generator=generator)
     noise = torch.randn(z1.shape, device=z1.device, generator=generator, dtype=z1.dtype)
     noisy = model.add_noise(z1, noise, t)
@@ -301,7 +311,9 @@ def run_diffusion(pairs_path: str | Path, latents_path: str | Path, index_path: 
                   device: str = "auto", threads: int = 1) -> dict:
     """Train one diffusion variant (config ``ddl_cxr.diffusion`` + ``ddl_cxr.generators[name]``) on the train-split
     pairs, select on the val-split pairs, and save the EMA weights with their config."""
-    absent = sorted({*MODEL_KEYS, "epochs", "batch_size", "lr", "weight_decay", "ema_decay", "margin", *VARIANT_KEYS}
+    absent = sorted({*MODEL_KEYS, "epochs", "batch_size", "lr", "weight_decay", "ema_decay", "margin", "scale_by_std",
+                     "clip_quantile",
+                     *VARIANT_KEYS}
                     - set(params) - set(variant))
     if absent:
         raise KeyError(f"ddl_cxr.diffusion lacks {absent}")
@@ -320,8 +332,12 @@ def run_diffusion(pairs_path: str | Path, latents_path: str | Path, index_path: 
              ", ".join(f"{key}={settings[key]}" for key in VARIANT_KEYS), len(data["train"]), len(data["val"]),
              resolved, tuple(latents.shape[1:]), data["train"].ehr.shape[1])
     seed_everything(seed)
+    latent_scale = 1.0 / float(data["train"].z1.std()) if settings["scale_by_std"] else 1.0
+    clip_range = (None if settings["clip_quantile"] is None else
+                  float(np.quantile(np.abs(data["train"].z1.numpy()) * latent_scale, float(settings["clip_quantile"]))))
     model = ConditionalLatentDiffusion(latents.shape[1:], ehr.shape[2], condition_x0=settings["condition_x0"],
-                                       condition_ehr=settings["condition_ehr"],
+                                       condition_ehr=settings["condition_ehr"], latent_scale=latent_scale,
+                                       clip_range=clip_range,
                                        **{key: settings[key] for key in MODEL_KEYS})
     state, history = train_diffusion(model, data["train"], data["val"], settings, seed=seed, device=resolved)
     Path(out_model).parent.mkdir(parents=True, exist_ok=True)

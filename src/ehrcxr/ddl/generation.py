@@ -23,12 +23,14 @@ log = logging.getLogger("ehrcxr.ddl")
 
 def ddim_scheduler(model: ConditionalLatentDiffusion, steps: int):
     """diffusers DDIMScheduler on the model's training betas, spaced as LDM's 'uniform' DDIM discretisation
-    (every T/steps-th step, offset 1; ᾱ_prev of the last step = ᾱ_0), ε-prediction, no clipping."""
+    (every T/steps-th step, offset 1; ᾱ_prev of the last step = ᾱ_0), ε-prediction; the predicted z₁ clipped to
+    ± the model's ``clip_range`` when it has one."""
     from diffusers import DDIMScheduler
 
     config = model.config
     scheduler = DDIMScheduler(num_train_timesteps=config["timesteps"], beta_start=config["beta_start"],
-                              beta_end=config["beta_end"], beta_schedule="scaled_linear", clip_sample=False,
+                              beta_end=config["beta_end"], beta_schedule="scaled_linear",
+                              clip_sample=model.clip_range is not None, clip_sample_range=model.clip_range or 1.0,
                               set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
                               prediction_type="epsilon")
     scheduler.set_timesteps(steps)
@@ -40,7 +42,8 @@ def ddim_generate(model: ConditionalLatentDiffusion, z0: torch.Tensor, ehr: torc
                   steps: int, eta: float, seed: int, batch_size: int, device: torch.device) -> np.ndarray:
     """DDIM samples (N, C, h, w) float32 of z₁ given z₀ and the EHR windows. One fixed x_T (drawn from ``seed``)
     starts every sample, and the η-noise comes from a generator seeded once, so a rerun is identical. The EHR
-    context is encoded once per batch, not once per step."""
+    context is encoded once per batch, not once per step. The sampler runs in the model's scaled latent space
+    (``latent_scale``); the samples come back in the autoencoder's."""
     model.eval().to(device)
     shape = tuple(model.config["latent_shape"])
     x_t = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -49,7 +52,7 @@ def ddim_generate(model: ConditionalLatentDiffusion, z0: torch.Tensor, ehr: torc
     for start in range(0, z0.shape[0], batch_size):
         chosen = slice(start, min(start + batch_size, z0.shape[0]))
         width = max(int(lengths[chosen].max()), 1)
-        batch_z0 = z0[chosen].to(device)
+        batch_z0 = z0[chosen].to(device) * model.latent_scale
         batch_lengths = lengths[chosen].to(device)
         scheduler = ddim_scheduler(model, steps)
         with autocast(device):
@@ -59,7 +62,7 @@ def ddim_generate(model: ConditionalLatentDiffusion, z0: torch.Tensor, ehr: torc
                 step = torch.full((sample.shape[0],), int(t), device=device, dtype=torch.long)
                 eps = model.denoise(sample, batch_z0, step, tokens, keep).float()
                 sample = scheduler.step(eps, t, sample.float(), eta=eta, generator=generator).prev_sample
-        out[chosen] = sample.float().cpu().numpy()
+        out[chosen] = (sample.float() / model.latent_scale).cpu().numpy()
     return out
 
 

@@ -19,9 +19,9 @@ from ehrcxr.data.datasets import normalise_images, usable_cache_rows
 from ehrcxr.ddl.autoencoder import LabelledAutoencoder, load_autoencoder
 from ehrcxr.ddl.diffusion import PairTensors, load_diffusion, pair_tensors, read_tensor
 from ehrcxr.ddl.generation import ddim_generate
-from ehrcxr.evaluate.bootstrap import resample_counts, summarise_resamples
+from ehrcxr.evaluate.bootstrap import resample_counts, summarise_resamples, weighted_auroc
 from ehrcxr.models.encoders import CXRBackbone
-from ehrcxr.train.loop import configure_device, macro_scores, resolve_device, seed_everything
+from ehrcxr.train.loop import configure_device, resolve_device, seed_everything
 
 log = logging.getLogger("ehrcxr.ddl")
 
@@ -59,14 +59,15 @@ def _per_pair(autoencoder, encoder, generated: np.ndarray, truth: np.ndarray, tr
 
 
 def _resampled(values: dict[str, np.ndarray], labels: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
-    """Every metric under row 0 (all pairs) and each resample row of ``counts`` (B, N): (1 + B,) each."""
-    weights = np.vstack([np.ones((1, counts.shape[1])), counts])
+    """Every metric under row 0 (all pairs) and each resample row of ``counts`` (B, N): (1 + B,) each. The macro
+    AUROC leaves out, per row, the labels with a single class in that resample (as ``macro_scores``)."""
+    weights = np.vstack([np.ones((1, counts.shape[1]), dtype=counts.dtype), counts])
     out = {metric: weights @ values[metric] / weights.sum(1) for metric in ("latent_mse", "feature_distance")}
-    aurocs = []
-    for row in weights.astype(np.int64):
-        index = np.repeat(np.arange(row.size), row)
-        aurocs.append(macro_scores(labels[index], values["probabilities"][index])[1])
-    out["chexpert_auroc"] = np.asarray(aurocs)
+    per_label = np.column_stack([weighted_auroc(labels[:, j], values["probabilities"][:, j], weights)
+                                 for j in range(labels.shape[1])])
+    defined = np.isfinite(per_label)
+    with np.errstate(invalid="ignore"):
+        out["chexpert_auroc"] = np.where(defined, per_label, 0.0).sum(1) / defined.sum(1)
     return out
 
 

@@ -277,7 +277,8 @@ def encode_paired_cxr(backbone: CXRBackbone, cxr: torch.Tensor, has_cxr: torch.T
     share of BatchNorm batch statistics) can never influence any output.
     """
     paired = has_cxr > 0.5
-    features = cxr.new_zeros(cxr.shape[0], backbone.out_dim)
-    if bool(paired.any()):
-        features = features.index_put((paired.nonzero(as_tuple=True)[0],), backbone(cxr[paired]))
-    return features
+    if not bool(paired.any()):
+        return cxr.new_zeros(cxr.shape[0], backbone.out_dim)
+    encoded = backbone(cxr[paired])  # bf16 under CUDA autocast when a stage trains: the zeros take its dtype
+    features = encoded.new_zeros(cxr.shape[0], backbone.out_dim)
+    return features.index_put((paired.nonzero(as_tuple=True)[0],), encoded)
