@@ -192,6 +192,35 @@ class CXRBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, in_channels, H, W) or prefix features (B, prefix_channels, h, w) -> (B, out_dim)."""
+        return self.suffix(self._prefix_output(x))
+
+    @property
+    def trainable_stages(self) -> list[tuple[str, nn.Module]]:
+        """The (name, module) ResNet stages of the trainable suffix, in order (stem and/or layer1..4)."""
+        return [(name, module) for name, module in self.suffix.named_children() if name not in ("pool", "flatten")]
+
+    @property
+    def stage_channels(self) -> list[int]:
+        """Output channels of the frozen prefix (entry 0), then of each trainable stage."""
+        expansion = 4 if self.depth == 50 else 1
+        widths = {"stem": 64} | {f"layer{i}": width * expansion for i, width in enumerate(_STAGE_WIDTHS, 1)}
+        return [self.prefix_channels] + [widths[name] for name, _ in self.trainable_stages]
+
+    def feature_map(self, x: torch.Tensor, between=None) -> torch.Tensor:
+        """The last stage's feature map (B, out_dim, h, w), before pooling. ``between(index, feature_map)``, when
+        given, is called on the prefix output (index 0) and after each trainable stage (index 1, 2, ...) and its
+        return value goes on: the hook where a fusion method exchanges information between CNN stages."""
+        x = self._prefix_output(x)
+        stages = self.trainable_stages
+        for index in range(len(stages) + 1):
+            if index:
+                x = stages[index - 1][1](x)
+            if between is not None:
+                x = between(index, x)
+        return x
+
+    def _prefix_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the frozen prefix on an image; pass prefix features through (checked)."""
         if x.dim() != 4:
             raise ValueError(f"CXR input must be 4-D (B, C, H, W); got {tuple(x.shape)}")
         if x.shape[1] == self.in_channels and self.frozen_stages > 0:
@@ -200,7 +229,7 @@ class CXRBackbone(nn.Module):
         elif x.shape[1] not in (self.in_channels, self.prefix_channels):
             raise ValueError(f"CXR input has {x.shape[1]} channels; expected an image with "
                              f"{self.in_channels} or prefix features with {self.prefix_channels}")
-        return self.suffix(x)
+        return x
 
     @staticmethod
     def _torchvision_name(key: str) -> str:
@@ -282,3 +311,50 @@ def encode_paired_cxr(backbone: CXRBackbone, cxr: torch.Tensor, has_cxr: torch.T
     encoded = backbone(cxr[paired])  # bf16 under CUDA autocast when a stage trains: the zeros take its dtype
     features = encoded.new_zeros(cxr.shape[0], backbone.out_dim)
     return features.index_put((paired.nonzero(as_tuple=True)[0],), encoded)
+
+
+def encode_paired_cxr_with_exchange(backbone: CXRBackbone, cxr: torch.Tensor, has_cxr: torch.Tensor,
+                                    exchange) -> torch.Tensor:
+    """As ``encode_paired_cxr`` (pooled features (B, out_dim) of the paired rows, exact zeros elsewhere), with
+    ``exchange(index, rows, feature_map) -> feature_map`` applied between the CNN stages: to the paired rows' map
+    at every exchange point of ``CXRBackbone.feature_map`` (index 0: the prefix output; i: after the i-th
+    trainable stage). ``rows`` holds the batch indices of the paired rows, the rows of ``feature_map``.
+
+    Only paired rows enter the CNN, so a missing image (its pixels or its share of BatchNorm statistics) never
+    reaches any output. When no row is paired, ``exchange`` still runs at every point, on an empty
+    (0, channels, 1, 1) map, so that a fusion method's EHR-side update reaches every stay in every batch.
+    """
+    rows = (has_cxr > 0.5).nonzero(as_tuple=True)[0]
+    features = cxr.new_zeros(cxr.shape[0], backbone.out_dim)
+    if rows.numel() == 0:
+        for index, channels in enumerate(backbone.stage_channels):
+            exchange(index, rows, cxr.new_zeros(0, channels, 1, 1))
+        return features
+    feature_map = backbone.feature_map(cxr[rows], between=lambda index, x: exchange(index, rows, x))
+    return features.index_put((rows,), feature_map.mean(dim=(2, 3)).to(features.dtype))  # bf16 under autocast
+
+
+def squeeze_paired(feature_map: torch.Tensor, rows: torch.Tensor, missing: torch.Tensor,
+                   batch_size: int) -> torch.Tensor:
+    """(batch_size, C) channel means (global average pool) of ``feature_map``, the map of the paired ``rows``;
+    every other row gets ``missing`` (C,), a learned stand-in for the squeeze of an absent image."""
+    return missing.expand(batch_size, -1).index_put((rows,), feature_map.mean(dim=(2, 3)).to(missing.dtype))
+
+
+# ----------------------------------------------------------------------------------------- EHR encoder by name
+def build_ehr_encoder(kind: str, in_features: int, hidden: int, *, heads: int = 4, layers: int = 1,
+                      dropout: float = 0.0, max_len: int = 512) -> EHRTransformerEncoder | EHRLSTMEncoder:
+    """The shared EHR encoder a model's ``ehr_encoder`` parameter names: 'transformer' or 'lstm'."""
+    if kind == "transformer":
+        return EHRTransformerEncoder(in_features, hidden, heads=heads, layers=layers, dropout=dropout,
+                                     max_len=max_len)
+    if kind == "lstm":
+        return EHRLSTMEncoder(in_features, hidden, layers=layers, dropout=dropout)
+    raise ValueError(f"ehr_encoder must be 'transformer' or 'lstm'; got {kind!r}")
+
+
+def ehr_summary(encoder: EHRTransformerEncoder | EHRLSTMEncoder, x: torch.Tensor,
+                lengths: torch.Tensor) -> torch.Tensor:
+    """One vector (B, hidden) per stay: the Transformer's mean over valid steps, or the LSTM's last valid state."""
+    summary = encoder(x, lengths)
+    return summary[0] if isinstance(summary, tuple) else summary

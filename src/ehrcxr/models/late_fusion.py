@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from ehrcxr.models.base import Batch, ModelOutput
-from ehrcxr.models.encoders import (EHRLSTMEncoder, EHRTransformerEncoder, build_cxr_backbone,
-                                    encode_paired_cxr)
+from ehrcxr.models.encoders import build_cxr_backbone, build_ehr_encoder, ehr_summary, encode_paired_cxr
 from ehrcxr.models.registry import register
 
 
@@ -22,13 +21,8 @@ class LateFusion(nn.Module):
                  dropout: float = 0.2, ehr_encoder: str = "transformer", heads: int = 4, layers: int = 1,
                  max_len: int = 512):
         super().__init__()
-        if ehr_encoder == "transformer":
-            self.ehr_encoder = EHRTransformerEncoder(ehr_features, hidden, heads=heads, layers=layers,
-                                                     dropout=dropout, max_len=max_len)
-        elif ehr_encoder == "lstm":
-            self.ehr_encoder = EHRLSTMEncoder(ehr_features, hidden, layers=layers, dropout=dropout)
-        else:
-            raise ValueError(f"late_fusion ehr_encoder must be 'transformer' or 'lstm'; got {ehr_encoder!r}")
+        self.ehr_encoder = build_ehr_encoder(ehr_encoder, ehr_features, hidden, heads=heads, layers=layers,
+                                             dropout=dropout, max_len=max_len)
         self.cxr_backbone = build_cxr_backbone(cxr)
         self.cxr_projection = nn.Linear(self.cxr_backbone.out_dim, hidden)
         self.dropout = nn.Dropout(dropout)
@@ -36,9 +30,7 @@ class LateFusion(nn.Module):
 
     def forward(self, batch: Batch) -> ModelOutput:
         """Logits (B, n_labels) from the concatenated features; no auxiliary losses."""
-        ehr = self.ehr_encoder(batch.ehr, batch.ehr_length)
-        if isinstance(ehr, tuple):
-            ehr = ehr[0]
+        ehr = ehr_summary(self.ehr_encoder, batch.ehr, batch.ehr_length)
         has_cxr = (batch.has_cxr > 0.5).to(ehr.dtype).unsqueeze(1)
         cxr = self.cxr_projection(encode_paired_cxr(self.cxr_backbone, batch.cxr, batch.has_cxr)) * has_cxr
         return ModelOutput(self.head(self.dropout(torch.cat([ehr, cxr, has_cxr], dim=1))))
