@@ -314,14 +314,18 @@ def xray_age_figure(table: pd.DataFrame, age_bins):
             x = np.arange(len(names)) + 0.6 * (m - (len(models) - 1) / 2) / len(models)
             errors = np.vstack([curve["estimate"] - curve["ci_low"], curve["ci_high"] - curve["estimate"]])
             axis.errorbar(x, curve["estimate"], yerr=errors, marker="o", ms=4, capsize=2, lw=1, label=model)
-        counts = of_task.drop_duplicates("stratum").set_index("stratum").reindex(names)["n_stays"]
-        axis.set_xticks(np.arange(len(names)),
-                        [f"{name}\nn = {count:g}" for name, count in zip(names, counts.fillna(0))], fontsize=8)
-        axis.set(xlabel="age of the paired X-ray at prediction time", ylabel="macro AUROC",
-                 title=f"{task}: paired_test, natural")
-        axis.legend(fontsize=7)
+        _label_age_axis(axis, of_task, names, task, "macro AUROC")
     figure.tight_layout()
     return figure
+
+
+def _label_age_axis(axis, of_task: pd.DataFrame, names: list[str], task: str, ylabel: str) -> None:
+    """X-ray-age strata with their stay counts as x ticks, axis labels, title and legend of one task's panel."""
+    counts = of_task.drop_duplicates("stratum").set_index("stratum").reindex(names)["n_stays"]
+    axis.set_xticks(np.arange(len(names)),
+                    [f"{name}\nn = {count:g}" for name, count in zip(names, counts.fillna(0))], fontsize=8)
+    axis.set(xlabel="age of the paired X-ray at prediction time", ylabel=ylabel, title=f"{task}: paired_test, natural")
+    axis.legend(fontsize=7)
 
 
 def _xray_age_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -349,12 +353,7 @@ def xray_age_gain_figure(gain: pd.DataFrame, age_bins):
             axis.errorbar(np.arange(len(names)), curve["gain"], yerr=errors, marker="o", ms=4, capsize=2, lw=1,
                           label=f"{model} − {reference}")
         axis.axhline(0.0, color="grey", lw=0.8)
-        counts = of_task.drop_duplicates("stratum").set_index("stratum").reindex(names)["n_stays"]
-        axis.set_xticks(np.arange(len(names)),
-                        [f"{name}\nn = {count:g}" for name, count in zip(names, counts.fillna(0))], fontsize=8)
-        axis.set(xlabel="age of the paired X-ray at prediction time", ylabel="gain in macro AUROC",
-                 title=f"{task}: paired_test, natural")
-        axis.legend(fontsize=7)
+        _label_age_axis(axis, of_task, names, task, "gain in macro AUROC")
     figure.tight_layout()
     return figure
 

@@ -312,9 +312,7 @@ def run_diffusion(pairs_path: str | Path, latents_path: str | Path, index_path: 
     """Train one diffusion variant (config ``ddl_cxr.diffusion`` + ``ddl_cxr.generators[name]``) on the train-split
     pairs, select on the val-split pairs, and save the EMA weights with their config."""
     absent = sorted({*MODEL_KEYS, "epochs", "batch_size", "lr", "weight_decay", "ema_decay", "margin", "scale_by_std",
-                     "clip_quantile",
-                     *VARIANT_KEYS}
-                    - set(params) - set(variant))
+                     "clip_quantile", *VARIANT_KEYS} - set(params) - set(variant))
     if absent:
         raise KeyError(f"ddl_cxr.diffusion lacks {absent}")
     settings = {**params, **variant}
