@@ -299,33 +299,39 @@ def _gain_table(table: pd.DataFrame, resamples: dict, contrasts, ci: float) -> p
 
 def xray_age_figure(table: pd.DataFrame, age_bins):
     """Macro AUROC per X-ray-age stratum and model with CI error bars, natural setting, one panel per task."""
-    plt = _pyplot()
-    rows = table[(table["missing"] == "natural") & (table["metric"] == "auroc")]
-    tasks = list(dict.fromkeys(rows["task"]))
-    if not tasks:
-        return empty_figure("No X-ray-age figure: no natural-setting runs with paired test stays.")
-    names = stratum_names(age_bins)
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    for axis, task in zip(axes[0], tasks):
-        of_task = rows[rows["task"] == task]
+    def draw(axis, of_task: pd.DataFrame, names: list[str]) -> None:
         models = list(dict.fromkeys(of_task["model"]))
         for m, model in enumerate(models):
             curve = of_task[of_task["model"] == model].set_index("stratum").reindex(names)
             x = np.arange(len(names)) + 0.6 * (m - (len(models) - 1) / 2) / len(models)
             errors = np.vstack([curve["estimate"] - curve["ci_low"], curve["ci_high"] - curve["estimate"]])
             axis.errorbar(x, curve["estimate"], yerr=errors, marker="o", ms=4, capsize=2, lw=1, label=model)
-        _label_age_axis(axis, of_task, names, task, "macro AUROC")
+
+    return _age_panels(table, age_bins, draw, "macro AUROC",
+                       "No X-ray-age figure: no natural-setting runs with paired test stays.")
+
+
+def _age_panels(table: pd.DataFrame, age_bins, draw, ylabel: str, empty_message: str):
+    """One panel per task of ``table``'s natural-setting AUROC rows: ``draw(axis, task rows, stratum names)`` plots
+    the curves; the strata with their stay counts label the x axis."""
+    rows = table[(table["missing"] == "natural") & (table["metric"] == "auroc")]
+    tasks = list(dict.fromkeys(rows["task"]))
+    if not tasks:
+        return empty_figure(empty_message)
+    plt = _pyplot()
+    names = stratum_names(age_bins)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        of_task = rows[rows["task"] == task]
+        draw(axis, of_task, names)
+        counts = of_task.drop_duplicates("stratum").set_index("stratum").reindex(names)["n_stays"]
+        axis.set_xticks(np.arange(len(names)),
+                        [f"{name}\nn = {count:g}" for name, count in zip(names, counts.fillna(0))], fontsize=8)
+        axis.set(xlabel="age of the paired X-ray at prediction time", ylabel=ylabel,
+                 title=f"{task}: paired_test, natural")
+        axis.legend(fontsize=7)
     figure.tight_layout()
     return figure
-
-
-def _label_age_axis(axis, of_task: pd.DataFrame, names: list[str], task: str, ylabel: str) -> None:
-    """X-ray-age strata with their stay counts as x ticks, axis labels, title and legend of one task's panel."""
-    counts = of_task.drop_duplicates("stratum").set_index("stratum").reindex(names)["n_stays"]
-    axis.set_xticks(np.arange(len(names)),
-                    [f"{name}\nn = {count:g}" for name, count in zip(names, counts.fillna(0))], fontsize=8)
-    axis.set(xlabel="age of the paired X-ray at prediction time", ylabel=ylabel, title=f"{task}: paired_test, natural")
-    axis.legend(fontsize=7)
 
 
 def _xray_age_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -338,24 +344,16 @@ def _xray_age_display(table: pd.DataFrame) -> pd.DataFrame:
 def xray_age_gain_figure(gain: pd.DataFrame, age_bins):
     """Gain in macro AUROC over the reference per X-ray-age stratum with CI error bars, natural setting, one panel
     per task; one line per contrast."""
-    plt = _pyplot()
-    rows = gain[(gain["missing"] == "natural") & (gain["metric"] == "auroc")]
-    tasks = list(dict.fromkeys(rows["task"]))
-    if not tasks:
-        return empty_figure("No X-ray-age gain figure: no contrast with both models at the natural setting.")
-    names = stratum_names(age_bins)
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    for axis, task in zip(axes[0], tasks):
-        of_task = rows[rows["task"] == task]
+    def draw(axis, of_task: pd.DataFrame, names: list[str]) -> None:
         for (model, reference), curve in of_task.groupby(["model", "reference"], sort=False):
             curve = curve.set_index("stratum").reindex(names)
             errors = np.vstack([curve["gain"] - curve["ci_low"], curve["ci_high"] - curve["gain"]])
             axis.errorbar(np.arange(len(names)), curve["gain"], yerr=errors, marker="o", ms=4, capsize=2, lw=1,
                           label=f"{model} − {reference}")
         axis.axhline(0.0, color="grey", lw=0.8)
-        _label_age_axis(axis, of_task, names, task, "gain in macro AUROC")
-    figure.tight_layout()
-    return figure
+
+    return _age_panels(gain, age_bins, draw, "gain in macro AUROC",
+                       "No X-ray-age gain figure: no contrast with both models at the natural setting.")
 
 
 def _xray_age_gain_display(gain: pd.DataFrame) -> pd.DataFrame:
