@@ -9,4 +9,5 @@ a, evaluate = snakemake.params.analysis, snakemake.params.analysis["evaluate"]
 run_fusion_gain(snakemake.input.metrics, a["modalities"], Path(a["tables_dir"]) / "fusion_gain",
                 Path(a["figures_dir"]) / "fusion_gain", signal_map=snakemake.input.get("signal_map"),
                 ehr_only_models=a["ehr_only_models"], grid_missing=a["grid_missing"],
+                baseline=a["settings"]["fusion_baseline"],
                 n_boot=evaluate["n_bootstrap"], ci=evaluate["ci"], seed=evaluate["seed"], threads=snakemake.threads)

@@ -90,6 +90,39 @@ def test_fusion_gain_equals_sklearn_on_the_shared_resamples_and_reference_is_cho
     assert macro["gain"] == pytest.approx(rows[rows["label"] != "macro"]["gain"].mean(), abs=1e-12)
 
 
+def test_fusion_gain_against_the_fusion_baseline(grid):
+    # a second fusion model that fuses badly: it sees the EHR labels a and b only, like the EHR model
+    rng = np.random.default_rng(5)
+    fused = load_cells(_runs(grid), MODALITIES)["phenotyping", "fused", "natural"]
+    for seed in (1, 2):
+        sets = {}
+        for eval_set in ("val", "paired_test", "partial_test"):
+            labels, ids = fused.labels_of(eval_set), fused.stays(eval_set)
+            p = _scores(rng, labels, [2.5, 2.5, 0.0])
+            sets[eval_set] = {"stay_id": ids, "y": labels, "p": p, "p_nocxr": p, "p_noehr": p}
+        write_run(grid, "phenotyping", "weak_fusion", "natural", seed, LABELS, sets)
+    cells = load_cells(_runs(grid), {**MODALITIES, "weak_fusion": ["ehr", "cxr"]})
+    table = fusion_gain_table(cells, n_boot=N_BOOT, seed=3, baseline="weak_fusion")
+    against = table[table["reference"] == "baseline"]
+    # every other fusion model against the baseline, on both test sets; never the baseline against itself
+    assert set(zip(against["model"], against["reference_model"])) == {("fused", "weak_fusion")}
+    assert set(against["eval_set"]) == {"paired_test", "partial_test"}
+    assert {"best_unimodal", "best_ehr_only"} <= set(table.loc[table["model"] == "weak_fusion", "reference"])
+    rows = against[(against["eval_set"] == "paired_test") & (against["metric"] == "auroc")].set_index("label")
+    weak = cells["phenotyping", "weak_fusion", "natural"]
+    y = fused.labels_of("paired_test")
+    slow = _slow_difference(y, fused.scores("paired_test"), weak.scores("paired_test"), 2,
+                            resample_weights(y.shape[0], N_BOOT, 3))
+    assert rows.loc["ph_c", "gain"] == pytest.approx(slow[0], abs=1e-12)
+    assert rows.loc["ph_c", "ci_low"] == pytest.approx(np.percentile(slow[1:], 2.5), abs=1e-12)
+    assert rows.loc["ph_c", "ci_low"] > 0.2  # the X-ray label: the baseline never uses the X-ray
+    for label in ("ph_a", "ph_b"):  # both see the EHR labels alike
+        assert rows.loc[label, "ci_low"] < 0 < rows.loc[label, "ci_high"]
+    # no baseline named, or one not in the grid: no baseline rows
+    for baseline in (None, "no_such_model"):
+        assert "baseline" not in set(fusion_gain_table(cells, n_boot=20, seed=3, baseline=baseline)["reference"])
+
+
 def test_benjamini_hochberg_matches_a_hand_computation():
     p = np.array([0.01, 0.04, 0.03, 0.2, np.nan])
     finite = p[:4]

@@ -123,15 +123,16 @@ def test_default_config_trains_ehr_only_models_at_the_first_miss_rate_only(tmp_p
     assert {name for name, entry in config["models"].items() if entry["modalities"] == ["ehr"]} == ehr_only
     assert config["missing"] == ["natural", "miss0.0", "miss0.5"]
     # the 4 CXR models without a `missing:` key at all 3 settings, the 2 EHR-only ones at natural and miss0.0 (not
-    # miss0.5), DDL-CXR, its copy-x0 baseline and the 5 complete-modality methods at natural only (their entries'
+    # miss0.5), DDL-CXR, its copy-x0 baseline and the 7 complete-modality methods at natural only (their entries'
     # `missing:`), for the demo's 2 tasks
     assert config["tasks"] == ["phenotyping", "mortality"]
-    natural_only = {"ddl_cxr", "ddl_cxr_copy_x0", "early_fusion", "daft", "mmtm", "aug", "inforeg"}
+    natural_only = {"ddl_cxr", "ddl_cxr_copy_x0", "early_fusion", "cross_attention", "utde", "daft", "mmtm", "aug",
+                    "inforeg"}
     assert {model for model, entry in config["models"].items() if entry.get("missing") == ["natural"]} == natural_only
     expected = {(task, model, missing) for task in config["tasks"] for model in config["models"]
                 for missing in config["missing"] if not (model in ehr_only and missing == "miss0.5")
                 and not (model in natural_only and missing != "natural")}
-    assert cells == expected and jobs["train"] == 2 * (4 * 3 + 2 * 2 + 7) == 46
+    assert cells == expected and jobs["train"] == 2 * (4 * 3 + 2 * 2 + 9) == 50
     # DDL-CXR: one autoencoder and latent pass per seed, one diffusion model per diffusion generator the grid uses or
     # the quality table scores (full, no_ehr; copy_x0 has none), one generation per generator of a grid model
     assert config["ddl_cxr"]["quality"]["generators"] == ["full", "no_ehr", "copy_x0"]
@@ -267,8 +268,10 @@ def test_whole_grid_runs_to_the_tables(workdir):
     gain = pd.read_csv(tables / "fusion_gain.csv")
     # the fusion models, each against references
     assert set(gain["model"]) == {"late_fusion", "medfuse", "drfuse", "ddl_cxr", "ddl_cxr_copy_x0", "early_fusion",
-                                  "daft", "mmtm", "aug", "inforeg"}
-    assert set(gain["reference"]) == {"best_unimodal", "best_ehr_only"}
+                                  "cross_attention", "utde", "daft", "mmtm", "aug", "inforeg"}
+    assert set(gain["reference"]) == {"best_unimodal", "best_ehr_only", "baseline"}
+    assert set(gain.loc[gain["reference"] == "baseline", "reference_model"]) == {"late_fusion"}
+    assert "late_fusion" not in set(gain.loc[gain["reference"] == "baseline", "model"])
     # the report renders every table and figure
     report = snakemake(workdir, "--report", "report.html")
     assert report.returncode == 0, report.stderr[-3000:]

@@ -50,7 +50,15 @@ def quality_conflicts():
             for name in config["ddl_cxr"]["quality"]["generators"] if name not in known]
 
 
-CONFLICTS = shared_cxr_conflicts() + generator_conflicts() + quality_conflicts()
+def analysis_conflicts():
+    """A fusion baseline (analysis.fusion_baseline) that is no fusion model of the config."""
+    baseline = config["analysis"].get("fusion_baseline")
+    if baseline is None or (baseline in SETTINGS and len(SETTINGS[baseline]["modalities"]) == 2):
+        return []
+    return [f"analysis.fusion_baseline: {baseline!r} is not a model of the config that reads both modalities"]
+
+
+CONFLICTS = shared_cxr_conflicts() + generator_conflicts() + quality_conflicts() + analysis_conflicts()
 if CONFLICTS:
     raise ValueError("config: " + "; ".join(CONFLICTS))
 

@@ -3,7 +3,9 @@ stay resamples (estimate, percentile CI, two-sided bootstrap p, Benjamini–Hoch
 
 References are chosen on validation (never on test), per task and missing setting: ``best_unimodal`` = the
 single-modality model with the highest validation macro AUPRC (EHR-only or X-ray-only), ``best_ehr_only`` = the
-best EHR-only model. On synthetic data every label carries its planted signal class (``signal_map.json``).
+best EHR-only model; and ``baseline``, a fixed fusion model named in config (late fusion: does a method's way of
+fusing beat the simplest one?). On synthetic data every label carries its planted signal class
+(``signal_map.json``).
 """
 from __future__ import annotations
 
@@ -35,11 +37,13 @@ def read_signal_map(path: str | Path | None) -> dict[str, str]:
     return {label: value for label, value in signals.items() if value in ("ehr", "cxr", "both", "weak")}
 
 
-def references(cells: list[Cell]) -> dict[str, Cell]:
-    """reference kind -> the cell chosen on validation among the single-modality cells."""
+def references(cells: list[Cell], baseline: str | None = None) -> dict[str, Cell]:
+    """reference kind -> the cell chosen on validation among the single-modality cells, and the ``baseline``
+    model's cell (when it is in the slice)."""
     unimodal = [cell for cell in cells if len(cell.modalities) == 1]
     chosen = {"best_unimodal": best_by_validation(unimodal),
-              "best_ehr_only": best_by_validation([cell for cell in unimodal if cell.modalities == ("ehr",)])}
+              "best_ehr_only": best_by_validation([cell for cell in unimodal if cell.modalities == ("ehr",)]),
+              "baseline": next((cell for cell in cells if cell.model == baseline), None)}
     return {kind: cell for kind, cell in chosen.items() if cell is not None}
 
 
@@ -83,27 +87,30 @@ def _difference_rows(fusion: Cell, reference: Cell, kind: str, eval_set: str, ca
 
 
 def fusion_gain_table(cells: dict, *, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, threads: int = 1,
-                      signals: dict[str, str] | None = None) -> pd.DataFrame:
+                      signals: dict[str, str] | None = None, baseline: str | None = None) -> pd.DataFrame:
     """Long table of gains: task, missing, eval_set, model, reference, reference_model, metric, label
     ('macro', a label, or 'class:<signal>' = the mean over the labels of a planted signal class), signal, gain,
     ci_low, ci_high, p_value, q_value (BH over the labels of one model, reference, metric, eval set and setting;
     empty for the macro row), fusion_estimate, reference_estimate, n_stays, n_positive, n_seeds. ``threads``:
-    cores, spread over the (task, missing) slices (:func:`~ehrcxr.analysis.core.slice_table`)."""
-    return slice_table(_slice_rows, cells, threads, n_boot=n_boot, ci=ci, seed=seed, signals=signals or {})
+    cores, spread over the (task, missing) slices (:func:`~ehrcxr.analysis.core.slice_table`). ``baseline``: the
+    fusion model every other fusion model is also compared with (reference ``baseline``)."""
+    return slice_table(_slice_rows, cells, threads, n_boot=n_boot, ci=ci, seed=seed, signals=signals or {},
+                       baseline=baseline)
 
 
 def _slice_rows(cells: dict, key: tuple[str, str], threads: int, *, n_boot: int, ci: float, seed: int,
-                signals: dict[str, str]) -> list[dict]:
+                signals: dict[str, str], baseline: str | None) -> list[dict]:
     """The rows of one (task, missing) slice."""
     cache, rows = ResampleCache(n_boot, seed, threads), []
     members = cells_of(cells, *key)
-    chosen = references(members)
+    chosen = references(members, baseline)
     for kind, reference in chosen.items():
         log.info("%s/%s: %s = %s (validation macro AUPRC %.3f)", *key, kind, reference.model, reference.val_score())
     for fusion in (cell for cell in members if cell.is_fusion):
         for eval_set in eval_sets_of(fusion):
             for kind, reference in chosen.items():
-                rows += _difference_rows(fusion, reference, kind, eval_set, cache, ci, signals)
+                if reference.model != fusion.model and eval_set in eval_sets_of(reference):
+                    rows += _difference_rows(fusion, reference, kind, eval_set, cache, ci, signals)
     return rows
 
 
@@ -161,18 +168,19 @@ def forest_figure(table: pd.DataFrame, metric: str = "auroc"):
 
 
 def run_fusion_gain(run_dirs, modalities: dict[str, list[str]], table_stem, figure_stem, *, signal_map=None,
-                    ehr_only_models=(), grid_missing=(), n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
-                    threads: int = 1) -> pd.DataFrame:
+                    ehr_only_models=(), grid_missing=(), baseline: str | None = None, n_boot: int = 1000,
+                    ci: float = 0.95, seed: int = 0, threads: int = 1) -> pd.DataFrame:
     """Workflow entry point: write ``fusion_gain`` (CSV/MD/TeX) and its forest figure (PNG/SVG)."""
     cells = load_cells(run_dirs, modalities, ehr_only_models, grid_missing)
     table = fusion_gain_table(cells, n_boot=n_boot, ci=ci, seed=seed, threads=threads,
-                              signals=read_signal_map(signal_map))
+                              signals=read_signal_map(signal_map), baseline=baseline)
     notes = [f"Paired difference fusion model − reference on the same {n_boot} stay resamples (seeds pooled); "
              f"{ci:.0%} percentile CI; two-sided bootstrap p = min(1, 2 min((1 + #{{d* ≤ 0}}), (1 + #{{d* ≥ 0}})) "
              "/ (B + 1)); q: Benjamini–Hochberg across the labels of a task, and apart across its planted signal "
              "classes (rows `class:<signal>`: the mean gain over the class's labels, synthetic data). References "
-             "are chosen on validation macro AUPRC: best_unimodal (EHR-only or X-ray-only) and best_ehr_only; the CSV holds both, every "
-             "missing setting and both test sets. Shown: `natural`, paired test set, against the best unimodal model.",
+             "are chosen on validation macro AUPRC: best_unimodal (EHR-only or X-ray-only) and best_ehr_only; "
+             f"baseline is the fusion model {baseline} (config analysis.fusion_baseline). The CSV holds all three, "
+             "every missing setting and both test sets. Shown: `natural`, paired test set, against the best unimodal model.",
              "Signal: the planted signal class of the label (synthetic data, signal_map.json); empty on real data."]
     write_table(table, table_stem, title="Fusion gain over the best unimodal model", display=_display(table)
                 if not table.empty else table, notes=notes)

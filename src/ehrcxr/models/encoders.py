@@ -89,7 +89,8 @@ class EHRLSTMEncoder(nn.Module):
 class EHRTransformerEncoder(nn.Module):
     """Linear embedding + learnable positional encoding + Transformer encoder (CareBench/DrFuse).
 
-    Padding is excluded with a *boolean* key padding mask built from ``ehr_length`` (CareBench
+    With ``layers=0`` the tokens are the embedded steps plus their positions, for models whose own attention
+    layers follow (cross_attention). Padding is excluded with a *boolean* key padding mask built from ``ehr_length`` (CareBench
     passes a float 0/1 mask, which masks nothing), and the output is the mean over valid steps.
     """
 
@@ -102,7 +103,7 @@ class EHRTransformerEncoder(nn.Module):
         self.out_dim = hidden
         self.embed = nn.Linear(in_features, hidden)
         self.position = nn.Parameter(torch.empty(1, max_len, hidden).uniform_(-0.1, 0.1))
-        self.encoder = transformer_encoder(hidden, heads, layers, dropout, feedforward)
+        self.encoder = transformer_encoder(hidden, heads, layers, dropout, feedforward) if layers else None
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, in_features), lengths (B,) -> (mean over valid steps (B, hidden), tokens (B, T, hidden))."""
@@ -110,8 +111,9 @@ class EHRTransformerEncoder(nn.Module):
         steps = x.shape[1]
         if steps > self.max_len:
             raise ValueError(f"EHR sequence has {steps} steps, more than max_len={self.max_len}")
-        mask = padding_mask(lengths, steps)
-        tokens = self.encoder(self.embed(x) + self.position[:, :steps], src_key_padding_mask=mask)
+        tokens = self.embed(x) + self.position[:, :steps]
+        if self.encoder is not None:
+            tokens = self.encoder(tokens, src_key_padding_mask=padding_mask(lengths, steps))
         return masked_mean(tokens, lengths), tokens
 
 
