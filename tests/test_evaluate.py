@@ -15,7 +15,7 @@ from ehrcxr.evaluate.aggregate import COLUMNS, aggregate_runs, rerun_command, ru
 from ehrcxr.evaluate.bootstrap import (
     bootstrap_ci, bootstrap_metrics, resample_counts, summarise_resamples, weighted_auprc, weighted_auroc,
 )
-from ehrcxr.evaluate.metrics import auprc, auroc, macro
+from ehrcxr.evaluate.metrics import METRICS, auprc, auroc, macro, per_label
 from ehrcxr.resources import phenotype_labels
 
 SKLEARN = {"auroc": roc_auc_score, "auprc": average_precision_score}
@@ -50,6 +50,21 @@ def test_hand_computed_values_and_macro_skips_single_class_labels():
         auroc([0, 2, 1], [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="finite"):
         auprc([0, 1, 1], [0.1, np.nan, 0.3])
+
+
+def test_per_label_named_metrics_equal_scikit_learn_with_ties_and_single_class_labels():
+    rng = np.random.default_rng(11)
+    y = (rng.random((300, 6)) < 0.2).astype(int)
+    y[:, 5] = 0  # one class only: NaN
+    p = np.round(rng.random((300, 6)), 1)  # ten distinct scores: many ties
+    for name, reference in (("auroc", roc_auc_score), ("auprc", average_precision_score)):
+        values = per_label(y, p, name)
+        np.testing.assert_allclose(values[:5], [reference(y[:, j], p[:, j]) for j in range(5)], rtol=0, atol=1e-12)
+        assert np.isnan(values[5])
+        # a metric given as a function (here scikit-learn's own) is called as it is
+        np.testing.assert_allclose(per_label(y, p, METRICS[name]), values, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="labels must be 0/1"):
+        per_label(np.array([[0], [2]]), np.array([[0.1], [0.2]]), "auroc")
 
 
 def test_resample_counts_are_draws_with_replacement():

@@ -199,6 +199,9 @@ def test_aug_layers_added_in_training_train_and_a_resumed_run_is_exact(tmp_path)
     assert len(checkpoint["optimizers"][0]["param_groups"]) == 2  # all boosting layers in one group
     biases = [value for key, value in checkpoint["model"].items() if "_boost." in key and key.endswith("bias")]
     assert len(biases) == 3 and all(bias.abs().sum() > 0 for bias in biases)  # trained away from their zero start
+    # the frozen CXR prefix (stem + 2 stages) stays out of the checkpoint, rebuilt on resume; model.pt holds it
+    prefix = {key for key in torch.load(tmp_path / "straight" / "model.pt", weights_only=True) if ".prefix." in key}
+    assert prefix and not prefix & (checkpoint["model"].keys() | checkpoint["best_state"].keys())
 
     # stop after epoch 3 (layers from epochs 1 and 2, two groups' worth), then resume to epoch 5
     _fit_aug(files, tmp_path / "resumed", 3)

@@ -99,18 +99,16 @@ def run_cell(inputs: dict, out_dir: str | Path, task: str, model: str, missing: 
         if eval_set in EVAL_SETS:
             auprc, auroc = macro_scores(labels, probabilities)
             metrics[eval_set] = {"auroc": _json_number(auroc), "auprc": _json_number(auprc)}
-        frame = pd.DataFrame({"stay_id": stay_set.stay_id.numpy(), "eval_set": eval_set,
-                              "has_cxr": stay_set.has_cxr.numpy().astype(np.int8)})
-        for column, label in enumerate(data.labels):
-            frame[f"y_{label}"] = labels[:, column].astype(np.int8)
-        columns = {"p": probabilities}
+        columns = {"stay_id": stay_set.stay_id.numpy(), "eval_set": eval_set,
+                   "has_cxr": stay_set.has_cxr.numpy().astype(np.int8)}
+        columns |= {f"y_{label}": labels[:, column].astype(np.int8) for column, label in enumerate(data.labels)}
+        scores = {"p": probabilities}
         for modality in WITHHELD:  # the same trained model with one input withheld (no retraining)
-            columns[f"p_no{modality}"] = predict(network, stay_set.withheld(modality), batch_size=batch_size,
-                                                 device=resolved)
-        for prefix, values in columns.items():
-            for column, label in enumerate(data.labels):
-                frame[f"{prefix}_{label}"] = values[:, column].astype(np.float64)
-        frames.append(frame)
+            scores[f"p_no{modality}"] = predict(network, stay_set.withheld(modality), batch_size=batch_size,
+                                                device=resolved)
+        columns |= {f"{prefix}_{label}": values[:, column].astype(np.float64)
+                    for prefix, values in scores.items() for column, label in enumerate(data.labels)}
+        frames.append(pd.DataFrame(columns))
     predictions = pd.concat(frames, ignore_index=True)
     write_atomic(out_dir / "predictions.parquet", lambda path: predictions.to_parquet(path, index=False))
     summary = {"task": task, "model": model, "missing": missing, "seed": int(seed), "labels": data.labels,

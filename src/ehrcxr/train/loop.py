@@ -38,6 +38,7 @@ from torch.nn import functional as F
 from ehrcxr.data.datasets import CellData, StaySet, normalise_images, standardise
 from ehrcxr.evaluate.metrics import has_both_classes, macro
 from ehrcxr.models.base import Batch, ModelOutput
+from ehrcxr.models.encoders import CXRBackbone
 from ehrcxr.train.augment import augment_images, check_augment
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auprc", "val_auroc", "lr", "seconds"]
@@ -458,9 +459,21 @@ def _load_checkpoint(path: Path, run_key: str, selection_metric: str, log: loggi
     return checkpoint
 
 
-def _fits(model: nn.Module, state: dict) -> bool:
-    """True if ``state`` has exactly the model's state-dict keys, each with the model's shape."""
-    own = model.state_dict()
+def _frozen_prefix_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the model's frozen CXR prefixes: never trained, always built from the pretrained encoder
+    (or the configured weights) before ``fit``, so checkpoints leave them out (a ResNet-18 is 45 MB per copy)."""
+    return {f"{name}.prefix.{key}".lstrip(".") for name, module in model.named_modules(remove_duplicate=False)
+            if isinstance(module, CXRBackbone) for key in module.prefix.state_dict()}
+
+
+def _trained_state(state: dict, frozen: set[str]) -> dict:
+    """``state`` without the frozen prefix keys."""
+    return {key: value for key, value in state.items() if key not in frozen}
+
+
+def _fits(model: nn.Module, state: dict, frozen: set[str]) -> bool:
+    """True if ``state`` has exactly the model's trained state-dict keys, each with the model's shape."""
+    own = _trained_state(model.state_dict(), frozen)
     return own.keys() == state.keys() and all(own[key].shape == state[key].shape for key in own)
 
 
@@ -508,8 +521,9 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
     ``lr`` and ``weight_decay``, optional ``scheduler`` (see ``_make_schedulers``), X-ray ``augment`` settings
     (see ``_augmentation``), and the model's hooks (module docstring; ``inputs`` reach ``on_fit_start``).
 
-    Writes ``model.pt`` (best state), ``checkpoint.pt`` (every epoch, atomically: weights, optimisers,
-    schedulers, hook state, random states) and ``history.csv`` into ``out_dir``. A checkpoint there is
+    Writes ``model.pt`` (best state), ``checkpoint.pt`` (every epoch, atomically: weights without the frozen CXR
+    prefix, which a resumed run rebuilds as before, optimisers, schedulers, hook state, random states) and
+    ``history.csv`` into ``out_dir``. A checkpoint there is
     resumed from only when it was written under the same ``run_key`` (a digest of the cell's settings and
     inputs) and selection criterion; otherwise training starts over."""
     log = log or logging.getLogger("ehrcxr.train")
@@ -548,8 +562,9 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
     best_state: dict | None = None
     best_hooks = None  # the hook state that goes with best_state (hooks may add layers later)
     history: list[dict] = []
+    frozen = _frozen_prefix_keys(model)
     checkpoint = _load_checkpoint(checkpoint_path, run_key, selection_metric, log)
-    if checkpoint is not None and checkpoint["hooks"] is None and not _fits(model, checkpoint["model"]):
+    if checkpoint is not None and checkpoint["hooks"] is None and not _fits(model, checkpoint["model"], frozen):
         log.warning("ignoring checkpoint %s: its weights do not fit the model (the model's code changed since); "
                     "training starts over", checkpoint_path)
         checkpoint = None
@@ -558,14 +573,16 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
             model.load_hook_state_dict(checkpoint["hooks"])
             model.to(resolved)
             _register_new_parameters(model, optimizers)
-        model.load_state_dict(checkpoint["model"])
+        built = model.state_dict()  # its frozen prefix as built: the one the checkpoint's run trained on
+        model.load_state_dict({**built, **checkpoint["model"]})
         for optimizer, state in zip(optimizers, checkpoint["optimizers"], strict=True):
             optimizer.load_state_dict(state)
         for scheduler_, state in zip(schedulers, checkpoint["schedulers"], strict=True):
             scheduler_.load_state_dict(state)
         start_epoch = checkpoint["epoch"] + 1
         best_epoch, best_score, stale = checkpoint["best_epoch"], checkpoint["best_score"], checkpoint["stale"]
-        best_state, best_hooks, history = checkpoint["best_state"], checkpoint["best_hooks"], checkpoint["history"]
+        best_state = {**{key: built[key].detach().to("cpu", copy=True) for key in frozen}, **checkpoint["best_state"]}
+        best_hooks, history = checkpoint["best_hooks"], checkpoint["history"]
         _set_rng_state(checkpoint["rng"], generator)
         augment_generator.set_state(checkpoint["augment_rng"])
         log.info("resuming from %s after epoch %d (best epoch %d)", checkpoint_path, checkpoint["epoch"], best_epoch)
@@ -610,10 +627,12 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch, "train_loss": total_loss / total_count, "val_loss": val_loss,
                         "val_auprc": val_auprc, "val_auroc": val_auroc, "lr": lr_now, "seconds": seconds})
-        _atomic_save({"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+        _atomic_save({"model": _trained_state(model.state_dict(), frozen),
+                      "optimizers": [o.state_dict() for o in optimizers],
                       "schedulers": [s.state_dict() for s in schedulers],
                       "hooks": hook_state() if hook_state else None, "epoch": epoch, "best_epoch": best_epoch,
-                      "best_score": best_score, "stale": stale, "best_state": best_state, "best_hooks": best_hooks,
+                      "best_score": best_score, "stale": stale, "best_state": _trained_state(best_state, frozen),
+                      "best_hooks": best_hooks,
                       "history": history, "rng": _rng_state(generator),
                       "augment_rng": augment_generator.get_state(), "run_key": run_key,
                       "selection_metric": selection_metric},
