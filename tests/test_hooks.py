@@ -193,6 +193,31 @@ def test_best_state_from_before_a_hook_added_layers_loads(files, tmp_path):
     assert predict(model, data.splits["partial_test"], 64, "cpu").shape == (len(data.splits["partial_test"]), 1)
 
 
+@pytest.mark.parametrize("scheduler", ["plateau", "cosine"])
+def test_layers_added_after_the_scheduler_lowered_the_lr_follow_it(scheduler):
+    model = nn.Sequential(nn.Linear(2, 2))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    (schedule,) = loop._make_schedulers({"name": scheduler, "factor": 0.5, "patience": 0}, [optimiser], 10)
+
+    def step(loss):
+        optimiser.step()
+        schedule.step(loss) if scheduler == "plateau" else schedule.step()
+
+    for loss in (1.0, 2.0, 3.0):  # plateau: halved twice; cosine: three steps down the curve
+        step(loss)
+    lowered = optimiser.param_groups[0]["lr"]
+    assert lowered < 1e-3
+    model.append(nn.Linear(2, 2))  # a layer an epoch hook adds
+    assert loop._register_new_parameters(model, [optimiser]) == 2
+    assert [group["lr"] for group in optimiser.param_groups] == [lowered, lowered]
+    for loss in (4.0, 5.0):  # the scheduler moves both groups alike from here
+        step(loss)
+    first, added = (group["lr"] for group in optimiser.param_groups)
+    assert first < lowered and added == pytest.approx(first, rel=1e-12)
+    if scheduler == "cosine":  # exactly the curve's value after five of ten steps: eta_min + (lr0 - 0) (1 + cos) / 2
+        assert added == pytest.approx(1e-3 * (1 + math.cos(math.pi * 5 / 10)) / 2, rel=1e-9)
+
+
 def test_optimiser_scheduler_and_minimum_epochs(files, tmp_path):
     files = _without_val_positives(files)
     # val losses softplus(SCHEDULE): 0.974, 0.313, 2.127, 0.049, 1.313, 0.127, 0.018, 0.693. ReduceLROnPlateau

@@ -381,11 +381,14 @@ def _make_optimizers(model: nn.Module, optimiser: str, lr: float, weight_decay: 
 
 def _register_new_parameters(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> int:
     """Add trainable parameters no optimiser holds (layers a hook created) to the first optimiser as one
-    new parameter group; returns how many were added."""
+    new parameter group, at the learning rate its first group has reached (a scheduler may have lowered it) and
+    with that group's ``initial_lr``, so the scheduler moves the new group in step; returns how many were added."""
     held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
     new = [p for p in model.parameters() if p.requires_grad and id(p) not in held]
     if new:
-        optimizers[0].add_param_group({"params": new})
+        first = optimizers[0].param_groups[0]
+        optimizers[0].add_param_group({"params": new, "lr": first["lr"],
+                                       **{key: first[key] for key in ("initial_lr",) if key in first}})
     return len(new)
 
 
