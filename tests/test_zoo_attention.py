@@ -225,6 +225,15 @@ def test_utde_output_depends_on_the_xray_time_of_paired_stays_only():
     torch.testing.assert_close(model(unpaired).logits, base, rtol=0, atol=0)
 
 
+def test_utde_imputation_convolution_never_reads_padded_hours():
+    model = build("utde", kernel_size=3).eval()  # a centred kernel 3 reaches one hour past the last valid one
+    batch, changed = stays(MIXED), stays(MIXED)
+    changed.ehr[torch.arange(STEPS)[None, :] >= changed.ehr_length[:, None]] = 100.0
+    torch.testing.assert_close(model(changed).logits, model(batch).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        build("utde", kernel_size=2)
+
+
 def test_utde_unpaired_stays_use_the_no_xray_token():
     model = build("utde").eval()
     batch = stays(MIXED)
