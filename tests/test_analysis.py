@@ -187,6 +187,12 @@ def test_test_time_missingness_mixes_scores_as_withheld(grid):
     assert row["auc"] == pytest.approx((values[0.0] + 2 * values[0.5] + values[1.0]) / 4, abs=1e-12)
     assert row["drop"] == pytest.approx(values[0.0] - values[1.0], abs=1e-12)
     assert row["drop_low"] > 0 and bool(row["missing_aware"])
+    # against a baseline: the difference of the two drops on the same resamples
+    _, against = missingness_at_test_time(cells, {}, [0.0, 0.5, 1.0], baseline="fused", n_boot=N_BOOT, seed=3)
+    against = against[against["metric"] == "auroc"].set_index("model")
+    assert against.loc["cxr_model", "drop_vs_baseline"] == pytest.approx(
+        against.loc["cxr_model", "drop"] - against.loc["fused", "drop"], abs=1e-12)
+    assert np.isnan(against.loc["fused", "drop_vs_baseline"])
 
 
 def test_train_missingness_curve_reports_every_rate_and_serves_ehr_only_runs(tmp_path):
@@ -212,6 +218,46 @@ def test_train_missingness_curve_reports_every_rate_and_serves_ehr_only_runs(tmp
                   & (summary["eval_set"] == "paired_test")].iloc[0]
     assert row["auc"] == pytest.approx((expected[0] + 2 * expected[1] + expected[2]) / 4, abs=1e-12)
     assert row["drop"] == pytest.approx(expected[0] - expected[2], abs=1e-12) and row["drop_low"] > 0
+
+
+def test_drop_against_the_fusion_baseline_equals_sklearn_on_the_shared_resamples(tmp_path):
+    # a robust model keeps its signal as the training X-ray share falls, the baseline loses it; a third model is
+    # trained at two of the three rates only, so it has no drop over the baseline's rates
+    rng = np.random.default_rng(2)
+    y = {"val": rng.integers(0, 2, (80, 1)), "test": rng.integers(0, 2, (120, 1))}
+    ids = {"val": np.arange(80), "test": np.arange(500, 620)}
+    runs = (("robust", "miss0.0", 2.0), ("robust", "miss0.5", 2.0), ("robust", "miss1.0", 1.9),
+            ("baseline", "miss0.0", 2.5), ("baseline", "miss0.5", 1.2), ("baseline", "miss1.0", 0.2),
+            ("partial", "miss0.0", 2.0), ("partial", "miss0.5", 1.0))
+    for model, missing, signal in runs:
+        sets = {eval_set: {"stay_id": ids[part], "y": y[part], "p": noisy_scores(rng, y[part], signal)}
+                for eval_set, part in (("val", "val"), ("paired_test", "test"), ("partial_test", "test"))}
+        write_run(tmp_path, "mortality", model, missing, 1, ["mortality"], sets)
+    modalities = {name: ["ehr", "cxr"] for name in ("robust", "baseline", "partial")}
+    cells = load_cells(_runs(tmp_path), modalities, grid_missing=["miss0.0", "miss0.5", "miss1.0"])
+    _, summary = missingness_in_training(cells, {}, baseline="baseline", n_boot=N_BOOT, seed=4)
+    rows = summary[(summary["metric"] == "auroc") & (summary["eval_set"] == "paired_test")].set_index("model")
+    weights = resample_weights(y["test"].shape[0], N_BOOT, 4)
+
+    def drop(model):  # AUROC at rate 0 minus at rate 1, per resample, by np.repeat and scikit-learn
+        first, last = (cells["mortality", model, m].scores("paired_test") for m in ("miss0.0", "miss1.0"))
+        return _slow_difference(y["test"], first, last, 0, weights)
+
+    slow = drop("robust") - drop("baseline")
+    assert rows.loc["robust", "drop_vs_baseline"] == pytest.approx(slow[0], abs=1e-12)
+    assert rows.loc["robust", "drop_vs_baseline"] == pytest.approx(
+        rows.loc["robust", "drop"] - rows.loc["baseline", "drop"], abs=1e-12)
+    assert rows.loc["robust", "drop_vs_baseline_low"] == pytest.approx(np.percentile(slow[1:], 2.5), abs=1e-12)
+    assert rows.loc["robust", "drop_vs_baseline_high"] == pytest.approx(np.percentile(slow[1:], 97.5), abs=1e-12)
+    below, above = (slow[1:] <= 0).sum(), (slow[1:] >= 0).sum()
+    assert rows.loc["robust", "drop_vs_baseline_p"] == pytest.approx(min(1.0, 2 * min(below + 1, above + 1)
+                                                                         / (N_BOOT + 1)))
+    assert rows.loc["robust", "drop_vs_baseline_high"] < 0  # it loses less than the baseline
+    assert np.isnan(rows.loc["baseline", "drop_vs_baseline"]) and np.isnan(rows.loc["partial", "drop_vs_baseline"])
+    # without a baseline (or one not in the grid) the columns are there, empty
+    for baseline in (None, "no_such_model"):
+        _, plain = missingness_in_training(cells, {}, baseline=baseline, n_boot=20, seed=4)
+        assert plain["drop_vs_baseline"].isna().all()
 
 
 def test_fusion_gain_writes_tables_and_figures_with_aggregates_only(grid, tmp_path):

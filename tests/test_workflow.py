@@ -36,6 +36,11 @@ def tiny_config() -> dict:
     # one task keeps the run short: the rerun and SLURM tests run mortality, the MIMIC-demo test every task
     # (length of stay included) and test_length_of_stay a length-of-stay cell
     config["tasks"] = ["phenotyping"]
+    # the fusion zoo trains in its own tests (tests/test_zoo_*.py, test_models); here one complete-modality method
+    # (natural only) and one missing-modality method (every level) stand for the rest
+    for model in ("early_fusion", "cross_attention", "utde", "daft", "aug", "inforeg", "healnet", "flexmoe", "umse",
+                  "m3care", "smil"):
+        del config["models"][model]
     return config
 
 
@@ -122,17 +127,24 @@ def test_default_config_trains_ehr_only_models_at_the_first_miss_rate_only(tmp_p
     ehr_only = {"ehr_lstm", "ehr_transformer"}
     assert {name for name, entry in config["models"].items() if entry["modalities"] == ["ehr"]} == ehr_only
     assert config["missing"] == ["natural", "miss0.0", "miss0.5"]
-    # the 4 CXR models without a `missing:` key at all 3 settings, the 2 EHR-only ones at natural and miss0.0 (not
+    # phenotyping (missing_tasks): the 10 CXR models without a `missing:` key (cxr_resnet, late fusion, MedFuse, DrFuse
+    # and the 6 missing-modality methods) at all 3 settings, the 2 EHR-only ones at natural and miss0.0 (not
     # miss0.5), DDL-CXR, its copy-x0 baseline and the 7 complete-modality methods at natural only (their entries'
-    # `missing:`), for the demo's 2 tasks
-    assert config["tasks"] == ["phenotyping", "mortality"]
+    # `missing:`); mortality: every model at natural only
+    assert config["tasks"] == ["phenotyping", "mortality"] and config["missing_tasks"] == ["phenotyping"]
     natural_only = {"ddl_cxr", "ddl_cxr_copy_x0", "early_fusion", "cross_attention", "utde", "daft", "mmtm", "aug",
                     "inforeg"}
     assert {model for model, entry in config["models"].items() if entry.get("missing") == ["natural"]} == natural_only
     expected = {(task, model, missing) for task in config["tasks"] for model in config["models"]
                 for missing in config["missing"] if not (model in ehr_only and missing == "miss0.5")
-                and not (model in natural_only and missing != "natural")}
-    assert cells == expected and jobs["train"] == 2 * (4 * 3 + 2 * 2 + 9) == 50
+                and not (model in natural_only and missing != "natural")
+                and not (task == "mortality" and missing != "natural")}
+    assert cells == expected and jobs["train"] == (10 * 3 + 2 * 2 + 9) + 21 == 64
+    # every task at every setting without missing_tasks; a task it names must be in the grid
+    jobs, _ = dry_run(tmp_path, {**config, "missing_tasks": None})
+    assert jobs["train"] == 2 * (10 * 3 + 2 * 2 + 9)
+    result = snakemake(tmp_path, "--dry-run", "--config", "missing_tasks=[length_of_stay]")
+    assert result.returncode != 0 and "missing_tasks: 'length_of_stay' is not in tasks" in result.stderr + result.stdout
     # DDL-CXR: one autoencoder and latent pass per seed, one diffusion model per diffusion generator the grid uses or
     # the quality table scores (full, no_ehr; copy_x0 has none), one generation per generator of a grid model
     assert config["ddl_cxr"]["quality"]["generators"] == ["full", "no_ehr", "copy_x0"]
@@ -267,8 +279,7 @@ def test_whole_grid_runs_to_the_tables(workdir):
     assert set(age_gain["missing"]) == {"natural"}  # the baseline is trained at natural only
     gain = pd.read_csv(tables / "fusion_gain.csv")
     # the fusion models, each against references
-    assert set(gain["model"]) == {"late_fusion", "medfuse", "drfuse", "ddl_cxr", "ddl_cxr_copy_x0", "early_fusion",
-                                  "cross_attention", "utde", "daft", "mmtm", "aug", "inforeg"}
+    assert set(gain["model"]) == {"late_fusion", "medfuse", "drfuse", "ddl_cxr", "ddl_cxr_copy_x0", "mmtm", "shaspec"}
     assert set(gain["reference"]) == {"best_unimodal", "best_ehr_only", "baseline"}
     assert set(gain.loc[gain["reference"] == "baseline", "reference_model"]) == {"late_fusion"}
     assert "late_fusion" not in set(gain.loc[gain["reference"] == "baseline", "model"])

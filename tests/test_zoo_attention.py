@@ -325,8 +325,8 @@ def test_cross_attention_patch_tokens_and_position_embedding_by_hand():
             assert tokens.shape == (2, height * width, 16)
             for i in range(height):
                 for j in range(width):
-                    expected = (model.patch_projection(features[:, :, i, j]) + model.row_position[i]
-                                + model.column_position[j])
+                    expected = (model.grid_tokens.projection(features[:, :, i, j]) + model.grid_tokens.row_position[i]
+                                + model.grid_tokens.column_position[j])
                     torch.testing.assert_close(tokens[:, i * width + j], expected)
         with pytest.raises(ValueError, match="max_grid=3"):
             model.patch_tokens(torch.randn(1, 512, 4, 4))

@@ -189,6 +189,16 @@ def _assert_same_run(resumed, resumed_result, straight, straight_result):
         assert torch.equal(resumed.state_dict()[key], value), key
 
 
+def assert_resume_is_exact(fit_run, tmp_path, epochs: int, stop: int):
+    """Train ``fit_run(files, out_dir, epochs) -> (model, result)`` for ``epochs`` straight and, in a second directory,
+    for ``stop`` epochs then resumed to ``epochs``; assert both runs are identical; return the straight one."""
+    files = write_cell_files(tmp_path)
+    straight = fit_run(files, tmp_path / "straight", epochs)
+    fit_run(files, tmp_path / "resumed", stop)
+    _assert_same_run(*fit_run(files, tmp_path / "resumed", epochs), *straight)
+    return straight
+
+
 def test_aug_layers_added_in_training_train_and_a_resumed_run_is_exact(tmp_path):
     files = write_cell_files(tmp_path)
     straight, straight_result = _fit_aug(files, tmp_path / "straight", 5)
@@ -333,11 +343,7 @@ def _fit_inforeg(files, out_dir, epochs: int):
 
 
 def test_inforeg_resumed_run_is_exact(tmp_path):
-    files = write_cell_files(tmp_path)
-    straight, straight_result = _fit_inforeg(files, tmp_path / "straight", 4)
-    _fit_inforeg(files, tmp_path / "resumed", 2)
-    resumed, resumed_result = _fit_inforeg(files, tmp_path / "resumed", 4)
-    _assert_same_run(resumed, resumed_result, straight, straight_result)
+    assert_resume_is_exact(_fit_inforeg, tmp_path, 4, 2)
     hooks = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["hooks"]
     assert len(hooks["traces"]["ehr"]) == 4  # window 3 + 1
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["hooks"] == hooks

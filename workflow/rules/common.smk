@@ -50,6 +50,12 @@ def quality_conflicts():
             for name in config["ddl_cxr"]["quality"]["generators"] if name not in known]
 
 
+def missing_task_conflicts():
+    """Tasks named in missing_tasks that the grid does not have."""
+    return [f"missing_tasks: {task!r} is not in tasks ({', '.join(config['tasks'])})"
+            for task in config.get("missing_tasks") or [] if task not in config["tasks"]]
+
+
 def analysis_conflicts():
     """A fusion baseline (analysis.fusion_baseline) that is no fusion model of the config."""
     baseline = config["analysis"].get("fusion_baseline")
@@ -58,7 +64,8 @@ def analysis_conflicts():
     return [f"analysis.fusion_baseline: {baseline!r} is not a model of the config that reads both modalities"]
 
 
-CONFLICTS = shared_cxr_conflicts() + generator_conflicts() + quality_conflicts() + analysis_conflicts()
+CONFLICTS = (shared_cxr_conflicts() + generator_conflicts() + quality_conflicts() + missing_task_conflicts()
+             + analysis_conflicts())
 if CONFLICTS:
     raise ValueError("config: " + "; ".join(CONFLICTS))
 
@@ -102,18 +109,28 @@ def ehr_only_models():
     return [m for m in grid_models() if not uses_cxr(m)]
 
 
-def trained_missing(model):
-    """The missingness settings a model is trained at. A miss<r> cell withholds the X-ray only from models that
-    read one, on the same paired stays at every rate, so an EHR-only model's miss<r> cells are identical: it is
-    trained at the grid's first miss<r> only, and the aggregation reports that run for every miss<r>. A model entry's
-    `missing:` list keeps only those of the grid's settings."""
+def task_missing(task):
+    """The grid's missingness settings for one task: all of them for the tasks of `missing_tasks` (every task when
+    null), natural only for the others."""
+    missing_tasks = config.get("missing_tasks")
+    if missing_tasks is None or task in missing_tasks:
+        return grid_missing()
+    return [m for m in grid_missing() if m == "natural"]
+
+
+def trained_missing(model, task):
+    """The missingness settings a model is trained at for a task (``task_missing``). A miss<r> cell withholds the
+    X-ray only from models that read one, on the same paired stays at every rate, so an EHR-only model's miss<r>
+    cells are identical: it is trained at the task's first miss<r> only, and the aggregation reports that run for
+    every miss<r>. A model entry's `missing:` list keeps only those of the grid's settings."""
+    settings = task_missing(task)
     allowed = config["models"][model].get("missing")  # an entry may restrict its cells (e.g. a costly ablation)
     if allowed is not None:
-        return [m for m in grid_missing() if m in allowed]
+        return [m for m in settings if m in allowed]
     if uses_cxr(model):
-        return grid_missing()
-    first_rate = [m for m in grid_missing() if m != "natural"][:1]
-    return [m for m in grid_missing() if m == "natural" or m in first_rate]
+        return settings
+    first_rate = [m for m in settings if m != "natural"][:1]
+    return [m for m in settings if m == "natural" or m in first_rate]
 
 
 def run_dir(task, model, missing, seed):
@@ -126,7 +143,7 @@ def grid_runs():
         run_dir(task, model, missing, seed)
         for task in config["tasks"]
         for model in grid_models()
-        for missing in trained_missing(model)
+        for missing in trained_missing(model, task)
         for seed in config["seeds"]
     ]
 
@@ -220,6 +237,19 @@ ANALYSES = {
 }
 NEEDS_CXR = ("fusion_gain", "modality_imbalance", "robustness", "xray_age")
 ANALYSIS_CLUSTER_THREADS = 16  # an analysis job's cores on a cluster (benchmarks/bench_analyses.py: paper scale)
+
+
+def train_priority(wildcards):
+    """Start the longest cells first, so that no long cell runs alone at the end of the grid: `natural` cells (every
+    stay) before `miss<r>` ones (paired stays only), phenotyping (every cohort stay) before the other tasks (0-3,
+    below every job that feeds them). Demo: the last phenotyping cell ran alone for 35 s in DAG order."""
+    return 2 * int(wildcards.missing == "natural") + int(wildcards.task == "phenotyping")
+
+
+def aggregate_threads(wildcards):
+    """Cores of the main-table job: 2 on a cluster; on one machine half of --cores, so that it runs beside the
+    slowest analysis instead of waiting for all of them (demo: 10 s of wall time)."""
+    return 2 if not workflow.local_exec else max(1, workflow.cores // 2)
 
 
 def analysis_threads(wildcards):

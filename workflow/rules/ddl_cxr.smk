@@ -144,6 +144,7 @@ rule ddl_quality:
     benchmark:
         f"{RESULTS}/benchmarks/ddl_quality.tsv"
     threads: 1
+    priority: 10  # above the cells (train_priority): run beside them, not in the analyses' tail
     resources:
         gpu=1,
     conda:

@@ -66,6 +66,7 @@ rule pretrain_ehr:
     benchmark:
         "results/{dataset}/benchmarks/pretrain_ehr/seed{seed}/{task}/{model}.tsv"
     threads: 1
+    priority: 10  # above the cells (train_priority), or its model's cells wait for it at the end of the grid
     resources:
         gpu=1,
     conda:

@@ -13,7 +13,8 @@ rule aggregate:
         "logs/{dataset}/aggregate.log",
     benchmark:
         "results/{dataset}/benchmarks/aggregate.tsv"
-    threads: 2
+    threads: aggregate_threads
+    priority: 10  # with the longest analysis (fairness), the others after it on the other core
     conda:
         "../../envs/report.yaml"
     script:
@@ -38,7 +39,7 @@ rule aggregate_available:
         f"logs/{DATASET}/aggregate_available.log",
     benchmark:
         f"{RESULTS}/benchmarks/aggregate_available.tsv"
-    threads: 2
+    threads: aggregate_threads
     conda:
         "../../envs/report.yaml"
     script:

@@ -13,6 +13,7 @@ rule train:
     benchmark:
         "results/{dataset}/benchmarks/train/{task}/{model}/{missing}/seed{seed}.tsv"
     threads: 1
+    priority: train_priority
     resources:
         gpu=1,
     conda:

@@ -7,6 +7,10 @@
   share r of the stays, no retraining. The stays withheld at rate r are the first round(r N) of one permutation
   per task (``np.random.default_rng(seed)``), so the sets are nested across rates and shared by every model; a
   withheld stay's score is the cell's ``p_nocxr`` (its prediction with the X-ray withheld), the others' ``p``.
+
+Both summaries also compare each model's drop with the fusion baseline's (``analysis.fusion_baseline``, late
+fusion): ``drop_vs_baseline`` = drop − the baseline's drop over the same rates, on the same resamples (negative: the
+model loses less of its metric than the baseline as the X-ray share falls).
 """
 from __future__ import annotations
 
@@ -42,24 +46,45 @@ def _series_rows(base: dict, values: dict[str, tuple[np.ndarray, np.ndarray]], l
     return rows
 
 
-def _summary_row(base: dict, rates: list[float], curve: np.ndarray, ci: float) -> dict:
-    """Area under a (W, R) metric curve over the rates (trapezoid / rate range) and the drop first − last rate."""
+BASELINE_COLUMNS = ("drop_vs_baseline", "drop_vs_baseline_low", "drop_vs_baseline_high", "drop_vs_baseline_p")
+
+
+def _summary_row(base: dict, rates: list[float], curve: np.ndarray, ci: float) -> tuple[dict, np.ndarray]:
+    """Area under a (W, R) metric curve over the rates (trapezoid / rate range) and the drop first − last rate: the
+    summary row and the drop on each resample (W,)."""
     span = rates[-1] - rates[0]
     area = np.trapezoid(curve, rates, axis=1) / span if span > 0 else curve[:, 0]
     drop = curve[:, 0] - curve[:, -1]
     area_ci, drop_ci = summarise_resamples(area, ci), summarise_resamples(drop, ci)
     return {**base, "rates": ";".join(f"{r:g}" for r in rates), "auc": area_ci[0], "auc_low": area_ci[1],
             "auc_high": area_ci[2], "drop": drop_ci[0], "drop_low": drop_ci[1], "drop_high": drop_ci[2],
-            "drop_p": float(bootstrap_p_value(drop))}
+            "drop_p": float(bootstrap_p_value(drop))}, drop
 
 
-def missingness_in_training(cells: dict, aware: dict[str, bool], *, n_boot=1000, ci=0.95, seed=0, threads=1
-                            ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _against_baseline(summaries: list[tuple[dict, np.ndarray]], baseline: str | None, ci: float) -> list[dict]:
+    """Summary rows of one slice with ``drop_vs_baseline`` (+ CI, p): a model's drop minus the ``baseline`` model's
+    on the same resamples, for rows of the same eval set and metric over the same rates; NaN where there is none
+    (and for the baseline itself)."""
+    drops = {(row["model"], row["eval_set"], row["metric"], row["rates"]): drop for row, drop in summaries}
+    rows = []
+    for row, drop in summaries:
+        reference = drops.get((baseline, row["eval_set"], row["metric"], row["rates"]))
+        values = (np.nan,) * 4
+        if reference is not None and row["model"] != baseline:
+            difference = drop - reference
+            values = (*summarise_resamples(difference, ci), float(bootstrap_p_value(difference)))
+        rows.append({**row, **dict(zip(BASELINE_COLUMNS, values))})
+    return rows
+
+
+def missingness_in_training(cells: dict, aware: dict[str, bool], *, baseline: str | None = None, n_boot=1000, ci=0.95,
+                            seed=0, threads=1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(curve, summary) over the grid's miss<r> cells. curve: task, model, missing_aware, eval_set, rate, metric,
     label, estimate, ci_low, ci_high. summary (macro metric): task, model, missing_aware, eval_set, metric, rates,
-    auc (+CI), drop (+CI, p). ``threads``: cores, spread over the tasks."""
+    auc (+CI), drop (+CI, p), drop_vs_baseline (+CI, p; against the ``baseline`` model). ``threads``: cores, spread
+    over the tasks."""
     tasks = [(task, "miss") for task in sorted({task for task, _ in task_settings(cells)})]
-    options = dict(aware=aware, n_boot=n_boot, ci=ci, seed=seed)
+    options = dict(aware=aware, baseline=baseline, n_boot=n_boot, ci=ci, seed=seed)
     return _frames(map_slices(partial(_training_rows, **options), cells, tasks, threads))
 
 
@@ -68,11 +93,11 @@ def _frames(parts: list[tuple[list, list]]) -> tuple[pd.DataFrame, pd.DataFrame]
             pd.DataFrame([row for _, summary in parts for row in summary]))
 
 
-def _training_rows(cells: dict, key: tuple[str, str], threads: int, *, aware, n_boot, ci, seed
+def _training_rows(cells: dict, key: tuple[str, str], threads: int, *, aware, baseline, n_boot, ci, seed
                    ) -> tuple[list, list]:
     """Curve and summary rows of one task's miss<r> cells (``key`` = (task, 'miss'))."""
     task = key[0]
-    cache, curve_rows, summary_rows = ResampleCache(n_boot, seed, threads), [], []
+    cache, curve_rows, summaries = ResampleCache(n_boot, seed, threads), [], []
     settings = [m for t, m in task_settings(cells) if t == task and missing_rate(m) is not None]
     models = sorted({cell.model for m in settings for cell in cells_of(cells, task, m)})
     for model in models:
@@ -89,8 +114,8 @@ def _training_rows(cells: dict, key: tuple[str, str], threads: int, *, aware, n_
             if len(series) > 1:
                 for metric in METRICS:
                     curve = np.stack([values[metric][0] for values in stats], axis=1)
-                    summary_rows.append(_summary_row({**base, "metric": metric}, [r for r, _ in series], curve, ci))
-    return curve_rows, summary_rows
+                    summaries.append(_summary_row({**base, "metric": metric}, [r for r, _ in series], curve, ci))
+    return curve_rows, _against_baseline(summaries, baseline, ci)
 
 
 def withheld_stays(n: int, rate: float, seed: int) -> np.ndarray:
@@ -102,20 +127,21 @@ def withheld_stays(n: int, rate: float, seed: int) -> np.ndarray:
     return withheld
 
 
-def missingness_at_test_time(cells: dict, aware: dict[str, bool], rates, *, n_boot=1000, ci=0.95, seed=0, threads=1
-                             ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def missingness_at_test_time(cells: dict, aware: dict[str, bool], rates, *, baseline: str | None = None, n_boot=1000,
+                             ci=0.95, seed=0, threads=1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(curve, summary) of test-time missingness for every cell that reads an X-ray: task, missing (the setting it
     was trained at), model, missing_aware, rate, metric, label, estimate, CI; summary as in
     :func:`missingness_in_training`. ``threads``: cores, spread over the (task, missing) slices."""
-    options = dict(aware=aware, rates=sorted(float(r) for r in rates), n_boot=n_boot, ci=ci, seed=seed)
+    options = dict(aware=aware, baseline=baseline, rates=sorted(float(r) for r in rates), n_boot=n_boot, ci=ci,
+                   seed=seed)
     return _frames(map_slices(partial(_test_time_rows, **options), cells, task_settings(cells), threads))
 
 
-def _test_time_rows(cells: dict, key: tuple[str, str], threads: int, *, aware, rates, n_boot, ci, seed
+def _test_time_rows(cells: dict, key: tuple[str, str], threads: int, *, aware, baseline, rates, n_boot, ci, seed
                     ) -> tuple[list, list]:
     """Curve and summary rows of one (task, missing) slice. At r = 0 and r = 1 the mixed scores are the scores as
     trained and with the X-ray withheld, whose resample metrics the cache computes once."""
-    cache, curve_rows, summary_rows = ResampleCache(n_boot, seed, threads), [], []
+    cache, curve_rows, summaries = ResampleCache(n_boot, seed, threads), [], []
     for cell in cells_of(cells, *key):
         if "cxr" not in cell.modalities or cell.stays(TEST_EVAL_SET).size == 0 or cell.run_missing != cell.missing:
             continue
@@ -138,8 +164,8 @@ def _test_time_rows(cells: dict, key: tuple[str, str], threads: int, *, aware, r
         if len(rates) > 1:
             for metric in METRICS:
                 curve = np.stack([values[metric][0] for values in stats], axis=1)
-                summary_rows.append(_summary_row({**base, "metric": metric}, rates, curve, ci))
-    return curve_rows, summary_rows
+                summaries.append(_summary_row({**base, "metric": metric}, rates, curve, ci))
+    return curve_rows, _against_baseline(summaries, baseline, ci)
 
 
 def curves_figure(curve: pd.DataFrame, title: str, metric: str = "auroc", panel_by: str = "eval_set"):
@@ -177,24 +203,31 @@ def _summary_display(summary: pd.DataFrame) -> pd.DataFrame:
     keys = [k for k in ("task", "missing", "model", "missing_aware", "eval_set", "rates") if k in shown]
     return shown[keys].assign(
         **{"AUROC area (mean over r)": [format_ci(r.auc, r.auc_low, r.auc_high) for r in shown.itertuples()],
-           "drop (lowest − highest r)": [format_ci(r.drop, r.drop_low, r.drop_high) for r in shown.itertuples()]})
+           "drop (lowest − highest r)": [format_ci(r.drop, r.drop_low, r.drop_high) for r in shown.itertuples()],
+           "drop − baseline's drop": ["" if np.isnan(r.drop_vs_baseline) else
+                                      format_ci(r.drop_vs_baseline, r.drop_vs_baseline_low, r.drop_vs_baseline_high)
+                                      for r in shown.itertuples()]})
 
 
 def run_robustness(run_dirs, modalities: dict[str, list[str]], missing_aware: dict[str, bool], tables_dir,
                    figures_dir, *, test_rates=(0.0, 0.25, 0.5, 0.75, 1.0), ehr_only_models=(), grid_missing=(),
-                   n_boot: int = 1000, ci: float = 0.95, seed: int = 0, threads: int = 1) -> dict[str, pd.DataFrame]:
+                   baseline: str | None = None, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
+                   threads: int = 1) -> dict[str, pd.DataFrame]:
     """Workflow entry point: tables ``robustness_train`` (+ ``_summary``), ``robustness_test`` (+ ``_summary``) and
-    figures ``robustness_train``, ``robustness_test`` under ``tables_dir`` / ``figures_dir``."""
+    figures ``robustness_train``, ``robustness_test`` under ``tables_dir`` / ``figures_dir``; drops are also compared
+    with the ``baseline`` model's (``analysis.fusion_baseline``)."""
     from pathlib import Path
 
     tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
     cells = load_cells(run_dirs, modalities, ehr_only_models, grid_missing)
-    options = dict(n_boot=n_boot, ci=ci, seed=seed, threads=threads)
+    options = dict(baseline=baseline, n_boot=n_boot, ci=ci, seed=seed, threads=threads)
     train_curve, train_summary = missingness_in_training(cells, missing_aware, **options)
     test_curve, test_summary = missingness_at_test_time(cells, missing_aware, test_rates, **options)
     common = (f"{n_boot} shared stay resamples, seeds pooled, {ci:.0%} percentile CIs. Area: the area under the "
               "macro curve divided by the rate range (the mean metric over r); drop: metric at the lowest rate − at "
-              "the highest, paired. missing_aware: the model's config declares it handles a missing X-ray.")
+              "the highest, paired. missing_aware: the model's config declares it handles a missing X-ray. Drop − "
+              f"baseline's drop: against {baseline or 'no baseline'} (config analysis.fusion_baseline) over the same "
+              "rates, on the same resamples; negative = the model loses less as the X-ray share falls.")
     write_table(train_curve, tables_dir / "robustness_train", title="Train/validation missingness (miss<r> cells)",
                 display=_summary_display(train_summary),
                 notes=["X-ray withheld from a share r of train and validation stays; test stays untouched. " + common,

@@ -9,7 +9,8 @@ from torch import nn
 
 from ehrcxr.models.attention import BidirectionalCrossAttentionEncoder
 from ehrcxr.models.base import Batch, ModelOutput
-from ehrcxr.models.encoders import EHRTransformerEncoder, build_cxr_backbone, masked_mean, padding_mask
+from ehrcxr.models.encoders import (EHRTransformerEncoder, GridPatchTokens, build_cxr_backbone, masked_mean,
+                                    padding_mask)
 from ehrcxr.models.registry import register
 
 
@@ -30,12 +31,10 @@ class CrossAttentionFusion(nn.Module):
     def __init__(self, n_labels: int, ehr_features: int, cxr: dict | None = None, hidden: int = 128,
                  heads: int = 4, layers: int = 1, dropout: float = 0.2, max_grid: int = 8, max_len: int = 512):
         super().__init__()
-        self.hidden, self.max_grid = hidden, int(max_grid)
+        self.hidden = hidden
         self.ehr_tokens = EHRTransformerEncoder(ehr_features, hidden, heads=heads, layers=0, max_len=max_len)
         self.cxr_backbone = build_cxr_backbone(cxr)
-        self.patch_projection = nn.Linear(self.cxr_backbone.out_dim, hidden)
-        self.row_position = nn.Parameter(torch.empty(self.max_grid, hidden).normal_(std=0.02))
-        self.column_position = nn.Parameter(torch.empty(self.max_grid, hidden).normal_(std=0.02))
+        self.grid_tokens = GridPatchTokens(self.cxr_backbone.out_dim, hidden, max_grid)
         self.missing_xray = nn.Parameter(torch.empty(hidden).normal_(std=0.02))
         self.fusion = BidirectionalCrossAttentionEncoder(hidden, heads, layers, dropout)
         self.dropout = nn.Dropout(dropout)
@@ -43,14 +42,7 @@ class CrossAttentionFusion(nn.Module):
 
     def patch_tokens(self, cxr: torch.Tensor) -> torch.Tensor:
         """Images or prefix features of paired stays (P, ...) -> tokens (P, h·w, hidden), row-major."""
-        feature_map = self.cxr_backbone.feature_map(cxr)
-        height, width = feature_map.shape[2:]
-        if height > self.max_grid or width > self.max_grid:
-            raise ValueError(f"cross_attention: the X-ray feature map is {height}x{width}, larger than "
-                             f"max_grid={self.max_grid}")
-        position = self.row_position[:height, None] + self.column_position[None, :width]
-        tokens = self.patch_projection(feature_map.flatten(2).transpose(1, 2))
-        return tokens + position.reshape(height * width, self.hidden).to(tokens.dtype)
+        return self.grid_tokens(self.cxr_backbone.feature_map(cxr))
 
     def xray_tokens(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """X-ray stream (B, N, hidden) and its padding mask (B, N): the patch tokens of paired stays; the

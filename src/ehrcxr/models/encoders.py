@@ -343,6 +343,43 @@ def squeeze_paired(feature_map: torch.Tensor, rows: torch.Tensor, missing: torch
     return missing.expand(batch_size, -1).index_put((rows,), feature_map.mean(dim=(2, 3)).to(missing.dtype))
 
 
+class GridPatchTokens(nn.Module):
+    """X-ray patch tokens from a CNN's last feature map (P, C, h, w): each of its h·w positions, row-major,
+    Linear(C -> hidden) plus a learned row and a learned column position (maps up to ``max_grid`` per side)."""
+
+    def __init__(self, channels: int, hidden: int, max_grid: int = 8):
+        super().__init__()
+        self.hidden, self.max_grid = hidden, int(max_grid)
+        self.projection = nn.Linear(channels, hidden)
+        self.row_position = nn.Parameter(torch.empty(self.max_grid, hidden).normal_(std=0.02))
+        self.column_position = nn.Parameter(torch.empty(self.max_grid, hidden).normal_(std=0.02))
+
+    def forward(self, feature_map: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens (P, h·w, hidden); ``offset`` (hidden,), e.g. a modality embedding, is added to every position."""
+        height, width = feature_map.shape[2:]
+        if height > self.max_grid or width > self.max_grid:
+            raise ValueError(f"the X-ray feature map is {height}x{width}, larger than max_grid={self.max_grid}")
+        position = (self.row_position[:height, None] + self.column_position[None, :width]).reshape(-1, self.hidden)
+        if offset is not None:
+            position = position + offset
+        tokens = self.projection(feature_map.flatten(2).transpose(1, 2))
+        return tokens + position.to(tokens.dtype)
+
+
+def checked_ehr_layout(model: str, ehr_features: int):
+    """The EHR tensor's channel layout (``ehrcxr.data.ehr.channel_layout``: the values, then one observation mask per
+    variable) for models that read values and masks apart; a clear error names ``model`` when ``ehr_features``
+    does not fit it."""
+    from ehrcxr.data.ehr import channel_layout  # here, not at the top: most models never need the data layer
+
+    layout = channel_layout()
+    values, variables = len(layout.feature_names), len(layout.variables)
+    if ehr_features != values + variables:
+        raise ValueError(f"{model} needs the {values} values + {variables} masks EHR layout ({values + variables} "
+                         f"features); got {ehr_features}")
+    return layout
+
+
 # ----------------------------------------------------------------------------------------- EHR encoder by name
 def build_ehr_encoder(kind: str, in_features: int, hidden: int, *, heads: int = 4, layers: int = 1,
                       dropout: float = 0.0, max_len: int = 512) -> EHRTransformerEncoder | EHRLSTMEncoder:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ehrcxr.models.attention import BidirectionalCrossAttentionEncoder
 from ehrcxr.models.base import Batch, ModelOutput
-from ehrcxr.models.encoders import build_cxr_backbone, encode_paired_cxr, padding_mask
+from ehrcxr.models.encoders import build_cxr_backbone, checked_ehr_layout, encode_paired_cxr, padding_mask
 from ehrcxr.models.registry import register
 
 
@@ -95,13 +95,8 @@ class UTDE(nn.Module):
     def __init__(self, n_labels: int, ehr_features: int, cxr: dict | None = None, hidden: int = 128,
                  heads: int = 4, layers: int = 1, dropout: float = 0.2, time_dim: int = 64, kernel_size: int = 1):
         super().__init__()
-        from ehrcxr.data.ehr import channel_layout  # the 17-variable layout of the 76 EHR features
-
-        layout = channel_layout()
+        layout = checked_ehr_layout("utde", ehr_features)
         self.n_values, self.n_variables = len(layout.feature_names), len(layout.variables)
-        if ehr_features != self.n_values + self.n_variables:
-            raise ValueError(f"utde needs the {self.n_values} values + {self.n_variables} masks EHR layout "
-                             f"({self.n_values + self.n_variables} features); got {ehr_features}")
         if time_dim % heads:
             raise ValueError(f"time_dim ({time_dim}) must be divisible by heads ({heads})")
         if kernel_size < 1 or kernel_size % 2 == 0:

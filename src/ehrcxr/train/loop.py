@@ -324,13 +324,15 @@ def _augmentation(model: nn.Module, data: CellData, augment: dict | None, log: l
 
 @dataclass
 class TrainStep:
-    """What a model's ``training_step`` and epoch hooks may use: the cell, its device and optimisers, the
-    task loss, autocast and a backward pass that runs the model's ``on_after_backward``."""
+    """What a model's ``training_step`` and epoch hooks may use: the cell, its device and optimisers, the run's
+    maximum number of epochs, the task loss, autocast and a backward pass that runs the model's
+    ``on_after_backward``."""
 
     model: nn.Module
     data: CellData
     device: torch.device
     optimizers: list[torch.optim.Optimizer]
+    epochs: int = 1
 
     def loss(self, output: ModelOutput, batch: Batch) -> torch.Tensor:
         return task_loss(output, batch, self.data.splits["train"].multiclass)
@@ -555,7 +557,7 @@ def fit(model: nn.Module, data: CellData, out_dir: str | Path, *, epochs: int, b
     augment_generator = torch.Generator(device=resolved).manual_seed(seed)
     optimizers = _make_optimizers(model, optimiser, lr, weight_decay)
     schedulers = _make_schedulers(scheduler, optimizers, epochs)
-    step = TrainStep(model, data, resolved, optimizers)
+    step = TrainStep(model, data, resolved, optimizers, epochs)
     training_step = getattr(model, "training_step", None)
     train_loader = _loader(data.splits["train"], batch_size, resolved, threads, generator)
     val_loader = _loader(data.splits["val"], max(batch_size, 256), resolved, threads)
