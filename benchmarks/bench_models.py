@@ -1,9 +1,10 @@
 """Training cost per step of every model in a config at its demo sizes: forward, task loss + auxiliary losses,
 backward and one Adam step on one batch of random inputs of the demo's shapes (EHR hours x 76 features, 17
 observation masks, the frozen X-ray encoder's pooled 512-d features, 25 labels), one CPU thread by default. Methods
-that take over the step (AUG's two manual steps, InfoReg's gradient scaling) cost more inside the trainer.
+that take over the step (AUG's two manual steps, InfoReg's gradient scaling, SMIL's inner-loop meta-update) cost more
+inside the trainer.
 
-    PYTHONPATH=src python benchmarks/bench_models.py [--config config/config.yaml] [--hidden 32] [--threads 1]
+    PYTHONPATH=src python benchmarks/bench_models.py [--config config/config.yaml] [--hidden 64] [--threads 1]
 """
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ def test_finished_grid_plans_nothing(workdir):
 
 def test_model_hyperparameter_reruns_only_that_models_cells(workdir):
     config = rerun_config()
-    config["models"]["ehr_lstm"]["params"]["hidden"] = 32
+    config["models"]["ehr_lstm"]["params"]["hidden"] = 48
     assert planned(workdir, config) == ({"train": 1, "aggregate": 1, "all": 1}, {CELLS["ehr_lstm"]})
 
 
@@ -174,7 +174,7 @@ def _published_medfuse(config: dict, mode: str) -> None:
     pytest.param(lambda c: c["pretrain"].update(epochs=2), {"pretrain_cxr": 1, "cxr_features": 1, "train": 3},
                  CXR_MODELS,
                  id="cxr pretraining"),
-    pytest.param(lambda c: c["models"]["medfuse"]["params"].update(hidden=32), {"pretrain_ehr": 1, "train": 1},
+    pytest.param(lambda c: c["models"]["medfuse"]["params"].update(hidden=48), {"pretrain_ehr": 1, "train": 1},
                  {"medfuse"}, id="params of the ehr-pretrained model"),
     pytest.param(lambda c: c["models"]["medfuse"].update(pretrained=["cxr"]), {"train": 1}, {"medfuse"},
                  id="ehr pretraining dropped"),
