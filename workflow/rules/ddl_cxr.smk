@@ -17,6 +17,7 @@ rule ddl_pairs:
         pairs=config["ddl_cxr"]["pairs"],
     log:
         "logs/{dataset}/ddl_pairs.log",
+    priority: 30  # every ddl_diffusion waits for it; at the default 0 the chain ran after every cell (demo: 2 min)
     conda:
         "../../envs/data.yaml"
     script:
