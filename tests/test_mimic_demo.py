@@ -370,15 +370,19 @@ def test_the_schema_rejects_a_broken_mimic_config(change, message):
         jsonschema.Draft202012Validator(SCHEMA).validate(config)
 
 
-def test_mimic_models_accept_their_params():
-    """Every model of config/mimic.yaml builds with its params (a misspelt param fails here, not on the cluster)."""
+@pytest.mark.parametrize("settings", ["harmonised", "published"])
+def test_mimic_models_accept_their_params(settings):
+    """Every model of config/mimic.yaml builds with its params, harmonised and published (a misspelt param fails
+    here, not on the cluster)."""
     from ehrcxr.models.registry import create_model
+    from ehrcxr.settings import model_settings
 
-    config = yaml.safe_load((REPO / "config" / "mimic.yaml").read_text())
+    config = {**yaml.safe_load((REPO / "config" / "mimic.yaml").read_text()), "settings": settings}
     cxr = {**config["cxr"], "weights": None}  # no ImageNet download in tests
     for name, entry in config["models"].items():
+        params = model_settings(config, name)["params"]
         model = create_model(entry.get("architecture", name), n_labels=25, ehr_features=76,
-                             cxr=cxr if "cxr" in entry["modalities"] else None, **entry["params"])
+                             cxr=cxr if "cxr" in entry["modalities"] else None, **params)
         assert sum(p.numel() for p in model.parameters()) > 0, name
 
 

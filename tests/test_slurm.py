@@ -1,13 +1,16 @@
 """`snakemake --profile profiles/slurm` on a real one-node SLURM cluster (slurm-wlm + munge, started here).
 
-The tiny synthetic grid runs once through the SLURM executor plugin and once locally (--cores 2): every job
-must become a SLURM job with the profile's resources, and the SLURM run must end with the local run's results.
+The tiny synthetic grid runs once through the SLURM executor plugin, from a project that uses this checkout as
+a module (deployed_project: the layout snakedeploy writes, profiles/ copied), and once locally from the clone
+(--cores 2): every job must become a SLURM job with the profile's resources, and the SLURM run must end with the
+local run's results.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from deployed_project import deploy, run_deployed
 from slurm_cluster import SlurmCluster, missing_programs, start_cluster
 from test_workflow import tiny_config as workflow_tiny_config
 
@@ -97,19 +101,21 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def runs(cluster, tmp_path_factory) -> dict:
-    """The tiny grid through SLURM and locally: both workdirs and the SLURM run's snakemake output."""
-    slurm_dir, local_dir = tmp_path_factory.mktemp("slurm_run"), tmp_path_factory.mktemp("local_run")
-    for workdir in (slurm_dir, local_dir):
-        (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
-    profile_dir = tmp_path_factory.mktemp("profiles") / "slurm"
-    cpu_node_profile(cluster, profile_dir)
+    """The tiny grid through SLURM from a deployed project and locally from the clone: both folders and the SLURM
+    run's snakemake output."""
+    slurm_dir = deploy(tmp_path_factory.mktemp("slurm_run") / "project", tiny_config())
+    local_dir = tmp_path_factory.mktemp("local_run")
+    (local_dir / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
+    shutil.rmtree(slurm_dir / "profiles" / "slurm")
+    cpu_node_profile(cluster, slurm_dir / "profiles" / "slurm")  # the copied profile, edited for this node
     env = {**cluster.env, "EHRCXR_SLURM_ACCOUNT": "ehrcxr", "EHRCXR_SLURM_PARTITION": cluster.partition}
 
     start = time.monotonic()
     # faster status checks than the profile's (first after 40 s, then every 10 s): the 9 jobs form a chain of 7;
     # keep the logs of successful jobs to inspect them
-    slurm = snakemake(slurm_dir, env, "--profile", str(profile_dir), "--slurm-init-seconds-before-status-checks", "2",
-                      "--seconds-between-status-checks", "2", "--slurm-keep-successful-logs", TARGET)
+    slurm = run_deployed(slurm_dir, "--profile", "profiles/slurm", "--slurm-init-seconds-before-status-checks", "2",
+                         "--seconds-between-status-checks", "2", "--slurm-keep-successful-logs", TARGET, env=env,
+                         timeout=RUN_TIMEOUT_S)
     slurm_s = time.monotonic() - start
     output = slurm.stdout + slurm.stderr
     assert slurm.returncode == 0, output[-8000:] + "\n" + cluster.logs()

@@ -9,15 +9,15 @@ rule fusion_gain:
         unpack(analysis_inputs),
     output:
         analysis_report_files("fusion_gain", "1 When fusion helps"),
-    params:
-        analysis=analysis_params,
     log:
         f"logs/{DATASET}/analysis/fusion_gain.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/fusion_gain.tsv"
-    threads: analysis_threads
     conda:
         "../../envs/report.yaml"
+    threads: analysis_threads
+    params:
+        analysis=analysis_params,
     script:
         "../../scripts/analysis_fusion_gain.py"
 
@@ -27,15 +27,15 @@ rule modality_imbalance:
         unpack(analysis_inputs),
     output:
         analysis_report_files("modality_imbalance", "1 When fusion helps"),
-    params:
-        analysis=analysis_params,
     log:
         f"logs/{DATASET}/analysis/modality_imbalance.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/modality_imbalance.tsv"
-    threads: analysis_threads
     conda:
         "../../envs/report.yaml"
+    threads: analysis_threads
+    params:
+        analysis=analysis_params,
     script:
         "../../scripts/analysis_modality_imbalance.py"
 
@@ -45,12 +45,12 @@ rule ranking:
         unpack(analysis_inputs),
     output:
         analysis_report_files("ranking", "2 How strategies compare"),
-    params:
-        analysis=analysis_params,
     log:
         f"logs/{DATASET}/analysis/ranking.log",
     conda:
         "../../envs/report.yaml"
+    params:
+        analysis=analysis_params,
     script:
         "../../scripts/analysis_ranking.py"
 
@@ -60,15 +60,15 @@ rule robustness:
         unpack(analysis_inputs),
     output:
         analysis_report_files("robustness", "3 Robustness to a missing X-ray"),
-    params:
-        analysis=analysis_params,
     log:
         f"logs/{DATASET}/analysis/robustness.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/robustness.tsv"
-    threads: analysis_threads
     conda:
         "../../envs/report.yaml"
+    threads: analysis_threads
+    params:
+        analysis=analysis_params,
     script:
         "../../scripts/analysis_robustness.py"
 
@@ -78,16 +78,16 @@ rule fairness:
         unpack(analysis_inputs),
     output:
         analysis_report_files("fairness", "4 Fairness"),
-    params:
-        analysis=analysis_params,
     log:
         f"logs/{DATASET}/analysis/fairness.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/fairness.tsv"
-    threads: analysis_threads
     priority: 10
     conda:
         "../../envs/report.yaml"
+    threads: analysis_threads
+    params:
+        analysis=analysis_params,
     script:
         "../../scripts/analysis_fairness.py"
 
@@ -97,15 +97,15 @@ rule calibration:
         unpack(analysis_inputs),
     output:
         analysis_report_files("calibration", "5 Calibration and X-ray age"),
-    params:
-        analysis=analysis_params,
     log:
         f"logs/{DATASET}/analysis/calibration.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/calibration.tsv"
-    threads: analysis_threads
     conda:
         "../../envs/report.yaml"
+    threads: analysis_threads
+    params:
+        analysis=analysis_params,
     script:
         "../../scripts/analysis_calibration.py"
 
@@ -115,14 +115,14 @@ rule xray_age:
         unpack(analysis_inputs),
     output:
         analysis_report_files("xray_age", "5 Calibration and X-ray age"),
-    params:
-        analysis=analysis_params,
     log:
         f"logs/{DATASET}/analysis/xray_age.log",
     benchmark:
         f"{RESULTS}/benchmarks/analysis/xray_age.tsv"
-    threads: analysis_threads
     conda:
         "../../envs/report.yaml"
+    threads: analysis_threads
+    params:
+        analysis=analysis_params,
     script:
         "../../scripts/analysis_xray_age.py"

@@ -1,15 +1,46 @@
+import copy
 import os
 import sys
 from pathlib import Path
 
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.sourcecache import LocalSourceFile
 from snakemake.utils import validate
 
-validate(config, schema="../schemas/config.schema.yaml")
-
-# Jobs import ehrcxr from src/ without installing it (works in conda-isolated jobs too); so does this process.
-SRC = str(Path(workflow.basedir).parent / "src")
+# Jobs import ehrcxr from src/ of the checkout this file lies in, without installing it (works in conda-isolated
+# jobs, and in a project that uses this workflow as a module, where workflow.basedir is the project's); so does
+# this process. A remote module (snakefile: github(...)) has no src/ or resources/ to import.
+RULES_DIR = workflow.current_basedir
+if not isinstance(RULES_DIR, LocalSourceFile):
+    raise WorkflowError(
+        f"ehrcxr is used as a module from {RULES_DIR.get_path_or_uri(secret_free=True)}, but its jobs import the "
+        "ehrcxr package (src/) and reference data (resources/) from a local checkout: clone the release you deploy "
+        "and give the module that clone's workflow/Snakefile, e.g. snakefile: '/opt/ehrcxr/workflow/Snakefile' "
+        "(README, 'Deployed into your own project')"
+    )
+CHECKOUT = Path(RULES_DIR.get_path_or_uri(secret_free=True)).parents[1]
+SRC = str(CHECKOUT / "src")
 os.environ.update(PYTHONPATH=SRC)
 sys.path.insert(0, SRC)
+
+
+def standalone_config():
+    """The command line's config when its --configfile files hold a whole config (every key the schema requires),
+    else None. Snakemake merges --configfile into the workflow's config/config.yaml key by key, so the default's
+    model entries and their keys (e.g. missing: [natural]) would leak into config/mimic.yaml's grid; a whole config
+    replaces the default instead, as --replace-workflow-config does. A partial file (overrides) updates it."""
+    given = workflow.config_settings.overwrite_config
+    schema = yaml.safe_load((CHECKOUT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    if not workflow.overwrite_configfiles or not all(key in given for key in schema["required"]):
+        return None
+    return copy.deepcopy(given)
+
+
+if (whole := standalone_config()) is not None:
+    config.clear()
+    config.update(whole)
+validate(config, schema="../schemas/config.schema.yaml")
 
 from ehrcxr.data.tasks import tensor_task
 from ehrcxr.settings import model_settings
@@ -25,29 +56,41 @@ def shared_cxr_conflicts():
     for model, settings in SETTINGS.items():
         cxr = settings["cxr"]
         if cxr and cxr["image_size"] != config["cxr"]["image_size"]:
-            problems.append(f"model {model!r}: cxr.image_size {cxr['image_size']} differs from the image cache's "
-                            f"{config['cxr']['image_size']}")
+            problems.append(
+                f"model {model!r}: cxr.image_size {cxr['image_size']} differs from the image cache's "
+                f"{config['cxr']['image_size']}"
+            )
         if "cxr" in settings["pretrained"] and cxr["weights"] != config["cxr"]["weights"]:
-            problems.append(f"model {model!r} declares pretrained: [cxr], so its encoder comes from pretrain_cxr, "
-                            f"which starts from cxr.weights {config['cxr']['weights']!r}, not its own "
-                            f"{cxr['weights']!r}")
+            problems.append(
+                f"model {model!r} declares pretrained: [cxr], so its encoder comes from pretrain_cxr, "
+                f"which starts from cxr.weights {config['cxr']['weights']!r}, not its own "
+                f"{cxr['weights']!r}"
+            )
     return problems
 
 
 def generator_conflicts():
     """Model entries naming a DDL-CXR generator that config ddl_cxr.generators lacks, or one without X-ray input."""
     known = config["ddl_cxr"]["generators"]
-    return [f"model {model!r}: generator {s['generator']!r} is not in ddl_cxr.generators ({', '.join(known)})"
-            if s["generator"] not in known else f"model {model!r} has a generator but does not read the cxr modality"
-            for model, s in SETTINGS.items()
-            if "generator" in s and (s["generator"] not in known or "cxr" not in s["modalities"])]
+    return [
+        (
+            f"model {model!r}: generator {s['generator']!r} is not in ddl_cxr.generators ({', '.join(known)})"
+            if s["generator"] not in known
+            else f"model {model!r} has a generator but does not read the cxr modality"
+        )
+        for model, s in SETTINGS.items()
+        if "generator" in s and (s["generator"] not in known or "cxr" not in s["modalities"])
+    ]
 
 
 def quality_conflicts():
     """Quality generators that config ddl_cxr.generators lacks."""
     known = config["ddl_cxr"]["generators"]
-    return [f"ddl_cxr.quality.generators: {name!r} is not in ddl_cxr.generators ({', '.join(known)})"
-            for name in config["ddl_cxr"]["quality"]["generators"] if name not in known]
+    return [
+        f"ddl_cxr.quality.generators: {name!r} is not in ddl_cxr.generators ({', '.join(known)})"
+        for name in config["ddl_cxr"]["quality"]["generators"]
+        if name not in known
+    ]
 
 
 def analysis_conflicts():
@@ -187,8 +230,11 @@ def ddl_quality_files():
 
 def ddl_quality_report_files():
     """The generation-quality outputs; the Markdown table and the figure go into the Snakemake report."""
-    return [report(f, caption="../report/ddl_quality.rst", category="6 DDL-CXR") if f.endswith((".md", ".png"))
-            else f for f in ddl_quality_files()]
+    files = []
+    for path in ddl_quality_files():  # (a line may not start with report(: snakemake would read the report: keyword)
+        shown = path.endswith((".md", ".png"))
+        files.append(report(path, caption="../report/ddl_quality.rst", category="6 DDL-CXR") if shown else path)
+    return files
 
 
 def ddl_quality_inputs(wildcards):
@@ -212,8 +258,12 @@ def ddl_quality_inputs(wildcards):
 
 def final_outputs():
     ddl_pairs = [f"{RESULTS}/ddl_cxr/pairs.parquet"] if HAS_CXR else []  # DDL-CXR needs X-rays
-    return ([f"{RESULTS}/tables/main_results.csv", f"{RESULTS}/tables/main_results.md"] + analysis_outputs() + ddl_pairs
-            + ddl_quality_files())
+    return (
+        [f"{RESULTS}/tables/main_results.csv", f"{RESULTS}/tables/main_results.md"]
+        + analysis_outputs()
+        + ddl_pairs
+        + ddl_quality_files()
+    )
 
 
 # The report's analyses: rule name -> (tables, figures) it writes under tables/ and figures/ (rules/analysis.smk).
@@ -221,13 +271,17 @@ def final_outputs():
 ANALYSES = {
     "fusion_gain": (["fusion_gain"], ["fusion_gain"]),
     "modality_imbalance": (["modality_imbalance"], ["modality_imbalance"]),
-    "robustness": (["robustness_train", "robustness_train_summary", "robustness_test", "robustness_test_summary"],
-                   ["robustness_train", "robustness_test"]),
+    "robustness": (
+        ["robustness_train", "robustness_train_summary", "robustness_test", "robustness_test_summary"],
+        ["robustness_train", "robustness_test"],
+    ),
     "xray_age": (["xray_age", "xray_age_gain"], ["xray_age", "xray_age_gain"]),
     "ranking": (["ranking"], ["ranking_cd"]),
     "calibration": (["calibration"], ["reliability"]),
-    "fairness": (["fairness_groups", "fairness_gaps", "fairness_fusion_effect", "fairness_missing_correlation"],
-                 ["fairness_gaps"]),
+    "fairness": (
+        ["fairness_groups", "fairness_gaps", "fairness_fusion_effect", "fairness_missing_correlation"],
+        ["fairness_gaps"],
+    ),
 }
 NEEDS_CXR = ("fusion_gain", "modality_imbalance", "robustness", "xray_age")
 ANALYSIS_CLUSTER_THREADS = 16  # an analysis job's cores on a cluster (benchmarks/bench_analyses.py: paper scale)
@@ -240,10 +294,19 @@ def train_priority(wildcards):
     return 2 * int(wildcards.missing == "natural") + int(wildcards.task == "phenotyping")
 
 
+def given_cores():
+    """--cores of this run; 1 where none is given (e.g. snakemake --report in a deployed project, which lacks the
+    clone's workflow profile and its cores: all)."""
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 1
+
+
 def aggregate_threads(wildcards):
     """Cores of the main-table job: 2 on a cluster; on one machine half of --cores, so that it runs beside the
-    slowest analysis instead of waiting for all of them (demo: 10 s of wall time)."""
-    return 2 if not workflow.local_exec else max(1, workflow.cores // 2)
+    slowest analysis (fairness) instead of before it (demo: 9 s of wall time)."""
+    return 2 if not workflow.local_exec else max(1, given_cores() // 2)
 
 
 def analysis_threads(wildcards):
@@ -252,7 +315,7 @@ def analysis_threads(wildcards):
     the slices of the other. Demo on 2 cores: all analyses in 38 s, against 65 s when each took both cores in turn."""
     if not workflow.local_exec:
         return ANALYSIS_CLUSTER_THREADS
-    return max(1, min(ANALYSIS_CLUSTER_THREADS, workflow.cores // 2))
+    return max(1, min(ANALYSIS_CLUSTER_THREADS, given_cores() // 2))
 
 
 def grid_analyses():

@@ -6,15 +6,15 @@ if SYNTHETIC:
             mimic_cxr=directory(MIMIC_CXR),
             oracle=f"{RESULTS}/raw/oracle.parquet",
             signal_map=f"{RESULTS}/raw/signal_map.json",
-        params:
-            synthetic=config["synthetic"],
         log:
             f"logs/{DATASET}/synthesize.log",
         benchmark:
             f"{RESULTS}/benchmarks/synthesize.tsv"
-        threads: 2
         conda:
             "../../envs/data.yaml"
+        threads: 2
+        params:
+            synthetic=config["synthetic"],
         script:
             "../../scripts/synthesize.py"
 
@@ -25,14 +25,14 @@ rule cohort:
     output:
         stays="results/{dataset}/cohort/stays.parquet",
         cxr_studies="results/{dataset}/cohort/cxr_studies.parquet",
-    params:
-        cohort=config["cohort"],
-        # the synthetic generator writes the official MIMIC-CXR-JPG tree
-        cxr_image_layout="official" if SYNTHETIC else config["raw"].get("cxr_image_layout", "official"),
     log:
         "logs/{dataset}/cohort.log",
     conda:
         "../../envs/data.yaml"
+    params:
+        cohort=config["cohort"],
+        # the synthetic generator writes the official MIMIC-CXR-JPG tree
+        cxr_image_layout="official" if SYNTHETIC else config["raw"].get("cxr_image_layout", "official"),
     script:
         "../../scripts/cohort.py"
 
@@ -45,16 +45,16 @@ rule ehr_tensor:
         stays="results/{dataset}/cohort/stays.parquet",
     output:
         "results/{dataset}/ehr/{task}.nc",
-    params:
-        ehr=config["ehr"],
     log:
         "logs/{dataset}/ehr_tensor/{task}.log",
     benchmark:
         "results/{dataset}/benchmarks/ehr_tensor/{task}.tsv"
-    threads: 2  # pyarrow decompresses and parses in parallel with the filtering; >= 4: both tables at once
     priority: 30
     conda:
         "../../envs/data.yaml"
+    threads: 2  # pyarrow decompresses and parses in parallel with the filtering; >= 4: both tables at once
+    params:
+        ehr=config["ehr"],
     script:
         "../../scripts/ehr_tensor.py"
 
@@ -67,15 +67,15 @@ rule cxr_cache:
     output:
         images="results/{dataset}/cxr/images.npy",
         index="results/{dataset}/cxr/index.parquet",
-    params:
-        image_size=config["cxr"]["image_size"],
     log:
         "logs/{dataset}/cxr_cache.log",
     benchmark:
         "results/{dataset}/benchmarks/cxr_cache.tsv"
-    threads: 2
     priority: 20
     conda:
         "../../envs/data.yaml"
+    threads: 2
+    params:
+        image_size=config["cxr"]["image_size"],
     script:
         "../../scripts/cxr_cache.py"

@@ -13,13 +13,13 @@ rule ddl_pairs:
     output:
         pairs="results/{dataset}/ddl_cxr/pairs.parquet",
         prediction="results/{dataset}/ddl_cxr/prediction_x0.parquet",
-    params:
-        pairs=config["ddl_cxr"]["pairs"],
     log:
         "logs/{dataset}/ddl_pairs.log",
     priority: 30  # every ddl_diffusion waits for it; at the default 0 the chain ran after every cell (demo: 2 min)
     conda:
         "../../envs/data.yaml"
+    params:
+        pairs=config["ddl_cxr"]["pairs"],
     script:
         "../../scripts/ddl_pairs.py"
 
@@ -34,19 +34,19 @@ rule ddl_autoencoder:
     output:
         model="results/{dataset}/ddl_cxr/seed{seed}/autoencoder.pt",
         history="results/{dataset}/ddl_cxr/seed{seed}/autoencoder_history.csv",
-    params:
-        autoencoder=config["ddl_cxr"]["autoencoder"],
-        device=config["train"]["device"],
     log:
         "logs/{dataset}/ddl_autoencoder/seed{seed}.log",
     benchmark:
         "results/{dataset}/benchmarks/ddl_autoencoder/seed{seed}.tsv"
-    threads: 1
     priority: 30  # the head of the longest chain of the workflow
-    resources:
-        gpu=1,
     conda:
         "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+    params:
+        autoencoder=config["ddl_cxr"]["autoencoder"],
+        device=config["train"]["device"],
     script:
         "../../scripts/ddl_autoencoder.py"
 
@@ -58,16 +58,16 @@ rule ddl_latents:
         images="results/{dataset}/cxr/images.npy",
     output:
         latents="results/{dataset}/ddl_cxr/seed{seed}/latents.npy",
-    params:
-        device=config["train"]["device"],
     log:
         "logs/{dataset}/ddl_latents/seed{seed}.log",
-    threads: 1
     priority: 30
-    resources:
-        gpu=1,
     conda:
         "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+    params:
+        device=config["train"]["device"],
     script:
         "../../scripts/ddl_latents.py"
 
@@ -82,20 +82,20 @@ rule ddl_diffusion:
     output:
         model="results/{dataset}/ddl_cxr/seed{seed}/{generator}/diffusion.pt",
         history="results/{dataset}/ddl_cxr/seed{seed}/{generator}/diffusion_history.csv",
-    params:
-        diffusion=config["ddl_cxr"]["diffusion"],
-        variant=lambda wildcards: config["ddl_cxr"]["generators"][wildcards.generator],
-        device=config["train"]["device"],
     log:
         "logs/{dataset}/ddl_diffusion/seed{seed}/{generator}.log",
     benchmark:
         "results/{dataset}/benchmarks/ddl_diffusion/seed{seed}/{generator}.tsv"
-    threads: 1
     priority: 30
-    resources:
-        gpu=1,
     conda:
         "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+    params:
+        diffusion=config["ddl_cxr"]["diffusion"],
+        variant=lambda wildcards: config["ddl_cxr"]["generators"][wildcards.generator],
+        device=config["train"]["device"],
     script:
         "../../scripts/ddl_diffusion.py"
 
@@ -106,19 +106,19 @@ rule ddl_generate:
         unpack(ddl_generate_inputs),
     output:
         generated="results/{dataset}/ddl_cxr/seed{seed}/{generator}/generated.npz",
-    params:
-        generation=config["ddl_cxr"]["generation"],
-        device=config["train"]["device"],
     log:
         "logs/{dataset}/ddl_generate/seed{seed}/{generator}.log",
     benchmark:
         "results/{dataset}/benchmarks/ddl_generate/seed{seed}/{generator}.tsv"
-    threads: 1
     priority: 30
-    resources:
-        gpu=1,
     conda:
         "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+    params:
+        generation=config["ddl_cxr"]["generation"],
+        device=config["train"]["device"],
     script:
         "../../scripts/ddl_generate.py"
 
@@ -130,9 +130,21 @@ rule ddl_quality:
         unpack(ddl_quality_inputs),
     output:
         ddl_quality_report_files(),
+    log:
+        f"logs/{DATASET}/ddl_quality.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ddl_quality.tsv"
+    priority: 10  # above the cells (train_priority): run beside them, not in the analyses' tail
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
-        generators={name: config["ddl_cxr"]["generators"][name] is not None
-                    for name in config["ddl_cxr"]["quality"]["generators"]},
+        generators={
+            name: config["ddl_cxr"]["generators"][name] is not None
+            for name in config["ddl_cxr"]["quality"]["generators"]
+        },
         quality=config["ddl_cxr"]["quality"],
         generation=config["ddl_cxr"]["generation"],
         evaluate=config["evaluate"],
@@ -140,15 +152,5 @@ rule ddl_quality:
         seed=config["seeds"][0],
         examples=config["ddl_cxr"]["quality"]["examples"] if SYNTHETIC else 0,
         device=config["train"]["device"],
-    log:
-        f"logs/{DATASET}/ddl_quality.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/ddl_quality.tsv"
-    threads: 1
-    priority: 10  # above the cells (train_priority): run beside them, not in the analyses' tail
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/torch.yaml"
     script:
         "../../scripts/ddl_quality.py"

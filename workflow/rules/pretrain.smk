@@ -9,20 +9,22 @@ rule pretrain_cxr:
     output:
         encoder="results/{dataset}/pretrain/seed{seed}/cxr_resnet{depth}.pt",
         history="results/{dataset}/pretrain/seed{seed}/cxr_resnet{depth}_history.csv",
-    params:
-        weights=config["cxr"]["weights"],
-        pretrain=config["pretrain"],
-        device=config["train"]["device"],
     log:
         "logs/{dataset}/pretrain_cxr/seed{seed}/resnet{depth}.log",
     benchmark:
         "results/{dataset}/benchmarks/pretrain_cxr/seed{seed}/resnet{depth}.tsv"
-    threads: 2
     priority: 20  # every CXR cell waits for it (see ehr_tensor in data.smk)
-    resources:
-        gpu=1,
     conda:
         "../../envs/torch.yaml"
+    # One thread: on 2 cores CXR pretraining took 295 s on 1 thread vs 164-186 s on 2 (328-372 core-seconds), and
+    # the EHR-only cells fill the other core meanwhile (rule priorities start the CXR chain first).
+    threads: 1
+    resources:
+        gpu=1,
+    params:
+        weights=config["cxr"]["weights"],
+        pretrain=config["pretrain"],
+        device=config["train"]["device"],
     script:
         "../../scripts/pretrain_cxr.py"
 
@@ -35,18 +37,18 @@ rule cxr_features:
         images="results/{dataset}/cxr/images.npy",
     output:
         features="results/{dataset}/pretrain/seed{seed}/cxr_resnet{depth}_features.npy",
-    params:
-        device=config["train"]["device"],
     log:
         "logs/{dataset}/cxr_features/seed{seed}/resnet{depth}.log",
     benchmark:
         "results/{dataset}/benchmarks/cxr_features/seed{seed}/resnet{depth}.tsv"
-    threads: 2
     priority: 20
-    resources:
-        gpu=1,
     conda:
         "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+    params:
+        device=config["train"]["device"],
     script:
         "../../scripts/cxr_features.py"
 
@@ -59,17 +61,17 @@ rule pretrain_ehr:
     output:
         encoder="results/{dataset}/pretrain/seed{seed}/ehr/{task}/{model}.pt",
         history="results/{dataset}/pretrain/seed{seed}/ehr/{task}/{model}/history.csv",
-    params:
-        settings=ehr_pretrain_settings,
     log:
         "logs/{dataset}/pretrain_ehr/seed{seed}/{task}/{model}.log",
     benchmark:
         "results/{dataset}/benchmarks/pretrain_ehr/seed{seed}/{task}/{model}.tsv"
-    threads: 1
     priority: 10  # above the cells (train_priority), or its model's cells wait for it at the end of the grid
-    resources:
-        gpu=1,
     conda:
         "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+    params:
+        settings=ehr_pretrain_settings,
     script:
         "../../scripts/pretrain_ehr.py"

@@ -4,19 +4,19 @@ rule aggregate:
     output:
         csv=report("results/{dataset}/tables/main_results.csv", caption="../report/main_results.rst", category="Tables"),
         md="results/{dataset}/tables/main_results.md",
+    log:
+        "logs/{dataset}/aggregate.log",
+    benchmark:
+        "results/{dataset}/benchmarks/aggregate.tsv"
+    priority: 10  # with the longest analysis (fairness), the others after it on the other core
+    conda:
+        "../../envs/report.yaml"
+    threads: aggregate_threads
     params:
         evaluate=config["evaluate"],
         ehr_only_models=ehr_only_models(),  # their one miss<r> run is reported at every miss<r>
         grid_missing=grid_missing(),
         itemid_map=config["ehr"]["itemid_map"],
-    log:
-        "logs/{dataset}/aggregate.log",
-    benchmark:
-        "results/{dataset}/benchmarks/aggregate.tsv"
-    threads: aggregate_threads
-    priority: 10  # with the longest analysis (fairness), the others after it on the other core
-    conda:
-        "../../envs/report.yaml"
     script:
         "../../scripts/aggregate.py"
 
@@ -29,18 +29,18 @@ rule aggregate_available:
     output:
         csv=f"{RESULTS}/tables/available_results.csv",
         md=f"{RESULTS}/tables/available_results.md",
+    log:
+        f"logs/{DATASET}/aggregate_available.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/aggregate_available.tsv"
+    conda:
+        "../../envs/report.yaml"
+    threads: aggregate_threads
     params:
         evaluate=config["evaluate"],
         runs=grid_runs(),
         ehr_only_models=ehr_only_models(),
         grid_missing=grid_missing(),
         itemid_map=config["ehr"]["itemid_map"],
-    log:
-        f"logs/{DATASET}/aggregate_available.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/aggregate_available.tsv"
-    threads: aggregate_threads
-    conda:
-        "../../envs/report.yaml"
     script:
         "../../scripts/aggregate_available.py"

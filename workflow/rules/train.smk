@@ -6,17 +6,17 @@ rule train:
         predictions="results/{dataset}/runs/{task}/{model}/{missing}/seed{seed}/predictions.parquet",
         model="results/{dataset}/runs/{task}/{model}/{missing}/seed{seed}/model.pt",
         history="results/{dataset}/runs/{task}/{model}/{missing}/seed{seed}/history.csv",
-    params:
-        settings=cell_settings,
     log:
         "logs/{dataset}/train/{task}/{model}/{missing}/seed{seed}.log",
     benchmark:
         "results/{dataset}/benchmarks/train/{task}/{model}/{missing}/seed{seed}.tsv"
-    threads: 1
     priority: train_priority
-    resources:
-        gpu=1,
     conda:
         "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+    params:
+        settings=cell_settings,
     script:
         "../../scripts/train.py"
