@@ -98,3 +98,16 @@ def test_a_whole_configfile_replaces_the_default_and_a_partial_one_updates_it(tm
         "mortality/ehr_lstm/natural/seed1"}
     assert set(planned_train_outputs(project, "--configfile", "config/seeds.yaml")) == {
         f"mortality/{model}/natural/seed{seed}" for model in ("ehr_lstm", "late_fusion") for seed in (1, 2)}
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs this checkout's git history")
+def test_a_remote_module_stops_with_a_clear_error(tmp_path):
+    """A module read from git (as github(...) is) has no src/ or resources/ on disk: the run stops at once, saying
+    what to do, instead of failing in every job on `import ehrcxr`."""
+    snakefile = f"git+file:{REPO.as_posix()}/workflow/Snakefile@HEAD"
+    project = deploy(tmp_path / "project", tiny_config(), snakefile=snakefile)
+    result = run_deployed(project, "--cores", "1", "--dry-run")
+    assert result.returncode != 0
+    message = " ".join((result.stdout + result.stderr).split())
+    assert "its jobs import the ehrcxr package (src/) and reference data (resources/) from a local checkout" in message
+    assert "give the module that clone's workflow/Snakefile" in message
