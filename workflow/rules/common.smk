@@ -16,7 +16,7 @@ if not isinstance(RULES_DIR, LocalSourceFile):
     raise WorkflowError(
         f"ehrcxr is used as a module from {RULES_DIR.get_path_or_uri(secret_free=True)}, but its jobs import the "
         "ehrcxr package (src/) and reference data (resources/) from a local checkout: clone the release you deploy "
-        "and give the module that clone's workflow/Snakefile, e.g. snakefile: '/opt/ehrcxr/workflow/Snakefile' "
+        "and give the module that clone's workflow/Snakefile, e.g. snakefile: '<clone>/workflow/Snakefile' "
         "(README, 'Deployed into your own project')"
     )
 CHECKOUT = Path(RULES_DIR.get_path_or_uri(secret_free=True)).parents[1]
