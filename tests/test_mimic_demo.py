@@ -370,6 +370,13 @@ def test_the_schema_rejects_a_broken_mimic_config(change, message):
         jsonschema.Draft202012Validator(SCHEMA).validate(config)
 
 
+def test_the_schema_rejects_synthetic_images_the_generator_cannot_draw():
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["synthetic"]["image_size"] = 16
+    with pytest.raises(jsonschema.ValidationError, match="16 is less than the minimum of 32"):
+        jsonschema.Draft202012Validator(SCHEMA).validate(config)
+
+
 @pytest.mark.parametrize("settings", ["harmonised", "published"])
 def test_mimic_models_accept_their_params(settings):
     """Every model of config/mimic.yaml builds with its params, harmonised and published (a misspelt param fails
