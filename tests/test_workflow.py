@@ -181,6 +181,16 @@ def test_settings_the_shared_stages_cannot_honour_are_config_errors(tmp_path):
         assert result.returncode != 0 and message in result.stdout + result.stderr, (result.stdout + result.stderr)
 
 
+def test_a_pairing_window_before_the_kept_x_rays_is_a_config_error(tmp_path):
+    config = tiny_config()
+    config["cohort"]["cxr_lookback_hours"] = 12  # the cohort keeps X-rays from intime - 12 h; the window opens at -24 h
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "--dry-run")
+    assert result.returncode != 0
+    assert ("ddl_cxr.pairs.window_hours starts at -24 h, before the X-rays the cohort keeps (from "
+            "-cohort.cxr_lookback_hours = -12 h)") in result.stdout + result.stderr, result.stdout + result.stderr
+
+
 def test_whole_grid_runs_to_the_tables(workdir):
     result = snakemake(workdir)
     assert result.returncode == 0, result.stderr[-5000:]

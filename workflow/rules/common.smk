@@ -101,7 +101,21 @@ def analysis_conflicts():
     return [f"analysis.fusion_baseline: {baseline!r} is not a model of the config that reads both modalities"]
 
 
-CONFLICTS = shared_cxr_conflicts() + generator_conflicts() + quality_conflicts() + analysis_conflicts()
+def pairs_conflicts():
+    """A DDL-CXR pairing window that opens before the cohort keeps X-rays (cohort.cxr_lookback_hours): the pairs
+    would silently miss the images taken in between."""
+    start, lookback = config["ddl_cxr"]["pairs"]["window_hours"][0], config["cohort"]["cxr_lookback_hours"]
+    if start >= -lookback:
+        return []
+    return [
+        f"ddl_cxr.pairs.window_hours starts at {start} h, before the X-rays the cohort keeps (from "
+        f"-cohort.cxr_lookback_hours = -{lookback} h): widen cxr_lookback_hours or narrow the window"
+    ]
+
+
+CONFLICTS = (
+    shared_cxr_conflicts() + generator_conflicts() + quality_conflicts() + analysis_conflicts() + pairs_conflicts()
+)
 if CONFLICTS:
     raise ValueError("config: " + "; ".join(CONFLICTS))
 
