@@ -72,10 +72,11 @@ def tiny_config() -> dict:
     return config
 
 
-def snakemake(workdir: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """snakemake from the clone, run in ``workdir`` on its config.yaml (the local side of the comparison)."""
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"),
                "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), *args]
-    env = {**env, "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
 
@@ -120,7 +121,7 @@ def runs(cluster, tmp_path_factory) -> dict:
     output = slurm.stdout + slurm.stderr
     assert slurm.returncode == 0, output[-8000:] + "\n" + cluster.logs()
     start = time.monotonic()
-    local = snakemake(local_dir, dict(os.environ), "--cores", "2", TARGET)
+    local = snakemake(local_dir, "--cores", "2", TARGET)
     local_s = time.monotonic() - start
     assert local.returncode == 0, (local.stdout + local.stderr)[-8000:]
     print(f"\nSLURM run {slurm_s:.0f} s, local run {local_s:.0f} s")
